@@ -1,0 +1,297 @@
+// SynthMRI web page: one request form over the public HTTP API (no build step, no CDN).
+// Every call sends the API key as a Bearer token, so result files are fetched as
+// blobs and shown/saved through object URLs rather than plain <img src>/<a href>.
+"use strict";
+
+const KEY_STORAGE = "synthmri.apiKey";
+const POLL_WAIT_S = 5;
+// The samplers' usual step counts (model/samplers.py DEFAULT_STEPS), applied when the sampler changes.
+const DEFAULT_STEPS = { ddpm: 1000, ddim: 50, "dpm++": 20 };
+const TERMINAL = new Set(["succeeded", "failed", "cancelled", "canceled", "done", "error"]);
+
+const $ = (id) => document.getElementById(id);
+const state = { job: null, models: [], polling: false, objectUrls: [] };
+
+function apiKey() {
+  return localStorage.getItem(KEY_STORAGE) || "";
+}
+
+function authHeaders(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+// A problem+json body becomes one readable line; anything else falls back to the status.
+async function problemMessage(resp) {
+  try {
+    const body = await resp.json();
+    if (body.detail && typeof body.detail === "string") return body.detail;
+    if (body.title) return body.title;
+    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg || JSON.stringify(d)).join("; ");
+    return JSON.stringify(body);
+  } catch {
+    return `${resp.status} ${resp.statusText}`;
+  }
+}
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  if (!resp.ok) {
+    const msg = await problemMessage(resp);
+    const hint = resp.status === 401 || resp.status === 403 ? " — check the API key above" : "";
+    throw new Error(`${msg}${hint}`);
+  }
+  return resp;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// ---------------------------------------------------------------- service + models
+async function checkHealth() {
+  const pill = $("health");
+  try {
+    const resp = await fetch("/readyz");
+    pill.textContent = resp.ok ? "ready" : "starting…";
+    pill.className = resp.ok ? "pill ok" : "pill warn";
+  } catch {
+    pill.textContent = "offline";
+    pill.className = "pill bad";
+  }
+}
+
+function modelList(body) {
+  if (Array.isArray(body)) return body;
+  return body.models || body.items || body.data || [];
+}
+
+function channelSetOf(model) {
+  if (model.channel_set) return model.channel_set;
+  if (Array.isArray(model.channels)) return model.channels.join("+");
+  return model.channels || model.name;
+}
+
+async function loadModels() {
+  const select = $("channels");
+  try {
+    const body = await (await api("/v1/models")).json();
+    state.models = modelList(body);
+    const sets = [];
+    for (const m of state.models) {
+      for (const cs of [channelSetOf(m), ...(m.serves || m.channel_sets || [])]) {
+        if (cs && !sets.includes(cs)) sets.push(cs);
+      }
+    }
+    select.innerHTML = "";
+    for (const cs of sets) {
+      const opt = document.createElement("option");
+      opt.value = cs;
+      opt.textContent = cs;
+      select.appendChild(opt);
+    }
+    if (!sets.length) select.innerHTML = '<option value="">no models installed</option>';
+    describeModel();
+    showError("");
+  } catch (e) {
+    select.innerHTML = '<option value="">(enter the API key first)</option>';
+    showError(`Could not list models: ${e.message}`);
+  }
+}
+
+function describeModel() {
+  const cs = $("channels").value;
+  const m = state.models.find((x) => channelSetOf(x) === cs);
+  if (!m) {
+    $("model-info").textContent = "";
+    return;
+  }
+  const size = m.image_size ? `${m.image_size}×${m.image_size} px` : "";
+  const parts = [`model ${m.name || m.id}`, size, m.description || ""].filter(Boolean);
+  $("model-info").textContent = parts.join(" · ");
+}
+
+// ---------------------------------------------------------------- jobs
+function progressOf(job) {
+  const p = job.progress;
+  if (p == null) return { fraction: 0, text: job.state };
+  if (typeof p === "number") return { fraction: p > 1 ? p / 100 : p, text: job.state };
+  const done = p.done ?? p.completed ?? p.samples_done ?? 0;
+  const total = p.total ?? p.samples_total ?? job.count ?? 1;
+  const fraction = p.fraction ?? (total ? done / total : 0);
+  return { fraction, text: `${job.state} · ${done} / ${total} samples` };
+}
+
+function renderProgress(job) {
+  const { fraction, text } = progressOf(job);
+  const pct = Math.max(0, Math.min(100, Math.round(fraction * 100)));
+  $("progress-bar").style.width = `${pct}%`;
+  $("progress-bar").parentElement.setAttribute("aria-valuenow", String(pct));
+  $("progress-text").textContent = `${text} (${pct}%)`;
+  $("progress-bar").classList.toggle("failed", job.state === "failed");
+}
+
+function jobUrl(job, suffix) {
+  const links = job.links || {};
+  const named = { "grid.png": links.grid, "manifest.json": links.manifest, "archive.zip": links.archive };
+  return named[suffix] || `/v1/jobs/${encodeURIComponent(job.id)}/${suffix}`;
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  showError("");
+  const body = {
+    channels: $("channels").value,
+    count: Number($("count").value),
+    seed: Number($("seed").value),
+    sampler: $("sampler").value,
+    steps: Number($("steps").value),
+  };
+  if (!body.channels) {
+    showError("Choose a channel set (enter the API key first if the list is empty).");
+    return;
+  }
+  $("submit").disabled = true;
+  $("result-card").hidden = true;
+  try {
+    const job = await (
+      await api("/v1/jobs", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      })
+    ).json();
+    state.job = job;
+    $("job-id").textContent = job.id;
+    $("progress-card").hidden = false;
+    $("cancel").hidden = false;
+    renderProgress(job);
+    await poll(job.id);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    $("submit").disabled = false;
+    $("cancel").hidden = true;
+  }
+}
+
+async function poll(id) {
+  state.polling = true;
+  while (state.polling) {
+    const job = await (await api(`/v1/jobs/${encodeURIComponent(id)}?wait=${POLL_WAIT_S}`)).json();
+    state.job = job;
+    renderProgress(job);
+    if (TERMINAL.has(job.state)) {
+      state.polling = false;
+      if (job.state === "succeeded" || job.state === "done") await showResult(job);
+      else showError(`Job ${job.state}: ${job.error || job.message || "no details"}`);
+    }
+  }
+}
+
+async function cancelJob() {
+  if (!state.job) return;
+  state.polling = false;
+  try {
+    await api(`/v1/jobs/${encodeURIComponent(state.job.id)}`, { method: "DELETE" });
+    $("progress-text").textContent = "cancelled";
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+// ---------------------------------------------------------------- results
+async function blobUrl(path) {
+  const blob = await (await api(path)).blob();
+  const url = URL.createObjectURL(blob);
+  state.objectUrls.push(url);
+  return url;
+}
+
+async function download(path, filename) {
+  try {
+    const a = document.createElement("a");
+    a.href = await blobUrl(path);
+    a.download = filename;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+  } catch (e) {
+    showError(`Download failed: ${e.message}`);
+  }
+}
+
+function channelsOfJob(job) {
+  if (Array.isArray(job.channels)) return job.channels;
+  const cs = job.channel_set || (job.request && (job.request.channels || job.request.channel_set)) || "";
+  return cs ? cs.split("+") : [];
+}
+
+function sampleCount(job) {
+  return job.count ?? (job.request && job.request.count) ?? (job.progress && job.progress.total) ?? 0;
+}
+
+async function showResult(job) {
+  for (const url of state.objectUrls.splice(0)) URL.revokeObjectURL(url);
+  const img = $("grid");
+  img.src = await blobUrl(jobUrl(job, "grid.png"));
+  await img.decode().catch(() => undefined);
+  $("result-card").hidden = false;
+
+  const tbody = $("sample-links");
+  tbody.innerHTML = "";
+  const channels = channelsOfJob(job);
+  for (let i = 0; i < sampleCount(job); i++) {
+    const tr = document.createElement("tr");
+    const cells = [document.createElement("td"), document.createElement("td"), document.createElement("td")];
+    cells[0].textContent = String(i);
+    for (const ch of channels) {
+      for (const [cell, ext] of [[cells[1], "nii.gz"], [cells[2], "png"]]) {
+        const a = document.createElement("a");
+        a.href = "#";
+        a.textContent = ch;
+        a.className = "chip";
+        const name = `${job.id}_${String(i).padStart(4, "0")}_${ch}.${ext}`;
+        a.addEventListener("click", (ev) => {
+          ev.preventDefault();
+          download(`/v1/jobs/${encodeURIComponent(job.id)}/samples/${i}/${ch}.${ext}`, name);
+        });
+        cell.appendChild(a);
+      }
+    }
+    cells.forEach((c) => tr.appendChild(c));
+    tbody.appendChild(tr);
+  }
+  $("dl-zip").onclick = () => download(jobUrl(job, "archive.zip"), `${job.id}.zip`);
+  $("dl-manifest").onclick = () => download(jobUrl(job, "manifest.json"), `${job.id}_manifest.json`);
+}
+
+// ---------------------------------------------------------------- wiring
+function init() {
+  $("api-key").value = apiKey();
+  $("key-status").textContent = apiKey()
+    ? "Key saved in this browser (localStorage)."
+    : "The key is kept in this browser only (localStorage).";
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    $("key-status").textContent = "Key saved in this browser (localStorage).";
+    loadModels();
+  });
+  $("job-form").addEventListener("submit", submitJob);
+  $("cancel").addEventListener("click", cancelJob);
+  $("channels").addEventListener("change", describeModel);
+  $("sampler").addEventListener("change", () => {
+    $("steps").value = String(DEFAULT_STEPS[$("sampler").value] || $("steps").value);
+  });
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = String(Math.floor(Math.random() * 2 ** 31));
+  });
+  checkHealth();
+  setInterval(checkHealth, 15000);
+  loadModels();
+}
+
+document.addEventListener("DOMContentLoaded", init);
