@@ -1,0 +1,165 @@
+"""`synthmri sample`: sample a checkpoint locally into NIfTI, PNG, grid, manifest (and .npz), zipped.
+
+Uses the same `model.generate.generate` and `worker.writers` as the service worker, so
+a local run with the same seed gives the same samples as a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from synthmri import __version__
+from synthmri.cli import CliError, make_parser
+
+SAMPLER_NAMES = ("dpm++", "ddim", "ddpm")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_SEED = 2**63 - 1
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("sample", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--count", required=True, type=int, help="number of samples")
+    p.add_argument("--seed", required=True, type=int, help="request seed (sample i uses (seed, i))")
+    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per sampler)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--npz", action="store_true", help="also write {name}.npz (N×H×W×C uint8, arr_0)")
+    p.add_argument("--name", default="sample", help="file name prefix (default: sample)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.count < 1:
+        raise CliError(f"--count must be ≥ 1, got {args.count}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CliError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be ≥ 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if not _PREFIX.match(args.name):
+        raise CliError(f"--name {args.name!r} must be letters, digits, '.', '_' or '-' (≤ 64)")
+    if not args.model.is_dir():
+        raise CliError(f"--model {args.model} is not a checkpoint directory")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out} exists and is not a directory")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    _check_args(args)
+
+    import torch
+
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.generate import decode_sample, generate, resolve_steps
+    from worker import writers
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was requested but no CUDA device is available (use --device cpu)")
+    steps = resolve_steps(args.sampler, args.steps)
+
+    t0 = time.perf_counter()
+    try:
+        ckpt = load_checkpoint(args.model, device=args.device)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    t_load = time.perf_counter() - t0
+
+    indices = list(range(args.count))
+    bar = _progress_bar(args, total=steps * -(-args.count // args.batch_size))
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    t1 = time.perf_counter()
+    try:
+        x = generate(
+            ckpt,
+            seed=args.seed,
+            indices=indices,
+            sampler=args.sampler,
+            steps=steps,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=progress,
+            precision=args.precision,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    t_sample = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ckpt.config
+    decoded = [decode_sample(s, cfg) for s in x]
+    files: list[Path] = []
+    for i, sample in zip(indices, decoded, strict=True):
+        files += writers.write_sample(out, args.name, i, sample)
+    files.append(out / "grid.png")
+    writers.write_grid(files[-1], decoded, cfg.channels, row_labels=[f"{i:04d}" for i in indices])
+    if args.npz:
+        files.append(writers.write_npz(out / f"{args.name}.npz", x))
+    t_write = time.perf_counter() - t2
+
+    zip_path = out / f"{args.name}.zip"
+    manifest = writers.make_manifest(
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=steps,
+        sha256=ckpt.sha256,
+        model=cfg.name,
+        channel_set=cfg.channel_set,
+        channels=cfg.channels,
+        image_size=cfg.image_size,
+        indices=indices,
+        files=[f.name for f in files] + [zip_path.name],
+        timings={
+            "load_s": t_load,
+            "sample_s": t_sample,
+            "write_s": t_write,
+            "images_steps_per_s": len(indices) * steps / max(t_sample, 1e-9),
+        },
+        version=__version__,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        torch_version=torch.__version__,
+        request={
+            "count": args.count,
+            "seed": args.seed,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "name": args.name,
+        },
+    )
+    files.append(writers.write_manifest(out / "manifest.json", manifest))
+    writers.write_zip(zip_path, files, root=out)
+    print(
+        f"wrote {args.count} sample(s) × {len(cfg.channels)} channel(s) to {out} "
+        f"({args.sampler}, {steps} steps, {t_sample:.1f} s sampling)"
+    )
+    return 0
+
+
+def _progress_bar(args: argparse.Namespace, total: int) -> Any:
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)

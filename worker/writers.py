@@ -1,0 +1,342 @@
+"""Output writers: per-sample NIfTI and PNG, the grid PNG, manifest.json, .npz and the zip.
+
+Every file is written to a temp name in its own directory and renamed into place
+(os.replace is atomic on POSIX), so a crashed or duplicated task never leaves half a
+file. Compressed outputs carry no timestamps, so a re-run writes identical bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import uuid
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from synthmri.channels import LABEL_NAMES, SEG
+
+# Output orientation: array axis 0 = x, axis 1 = y of a BraTS volume as nibabel loads it
+# (see docs/INTERFACES.md); diag(-1, -1, 1) is the BraTS/LPS-style 1 mm grid.
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+NIFTI_XFORM_SCANNER_ANAT = 1
+
+# Label colours (RGB) for seg PNGs and the grid overlay; 0 (background) stays transparent.
+LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200, 70), 4: (255, 210, 0)}
+OVERLAY_ALPHA = 0.6
+
+MANIFEST_FORMAT = "synthmri-manifest/1"
+
+
+# ---------------------------------------------------------------------------
+# Atomic file primitives
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a temp file next to `path`, fsync it, and rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+# ---------------------------------------------------------------------------
+# NIfTI
+
+
+def sample_filename(prefix: str, index: int, channel: str, ext: str) -> str:
+    """`{prefix}_{i:04d}_{channel}.{ext}` (BraTS-style naming)."""
+    return f"{prefix}_{index:04d}_{channel}.{ext}"
+
+
+def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
+    """A gzipped single-slice NIfTI-1 of shape (H, W, 1): seg as uint8 labels, images float32."""
+    img = np.asarray(img)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D slice for {channel!r}, got shape {img.shape}")
+    data: np.ndarray
+    if channel == SEG:
+        data = img.astype(np.uint8)[:, :, None]
+        cal = (0.0, 4.0)
+        descrip = "SynthMRI synthetic seg: BraTS labels 0,1 NCR,2 ED,4 ET"
+    else:
+        data = img.astype(np.float32)[:, :, None]
+        cal = (0.0, 1.0)
+        descrip = f"SynthMRI synthetic {channel}, intensity in [0,1]"
+    nii = nib.Nifti1Image(data, AFFINE)
+    hdr = nii.header
+    hdr.set_data_dtype(data.dtype)
+    nii.set_qform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
+    nii.set_sform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
+    hdr.set_xyzt_units(xyz="mm")
+    hdr["descrip"] = descrip.encode()[:79]
+    hdr["cal_min"], hdr["cal_max"] = cal
+    # mtime=0: identical bytes on every re-run, so duplicate tasks are indistinguishable.
+    return gzip.compress(nii.to_bytes(), compresslevel=6, mtime=0)
+
+
+def write_nifti(path: str | Path, img: np.ndarray, channel: str) -> Path:
+    return atomic_write_bytes(path, nifti_bytes(img, channel))
+
+
+# ---------------------------------------------------------------------------
+# PNG
+
+
+def to_display(img: np.ndarray) -> np.ndarray:
+    """(H, W) float image in [0, 1] → 8-bit display array, transposed (anterior up)."""
+    return (np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).T
+
+
+def label_rgb(seg: np.ndarray) -> np.ndarray:
+    """(H, W) BraTS labels → transposed (W, H, 3) colour label map on black."""
+    seg_t = np.asarray(seg).T
+    rgb = np.zeros((*seg_t.shape, 3), dtype=np.uint8)
+    for label, colour in LABEL_COLOURS.items():
+        rgb[seg_t == label] = colour
+    return rgb
+
+
+def overlay_rgb(base: np.ndarray | None, seg: np.ndarray) -> np.ndarray:
+    """Seg labels blended over a grey image (both (H, W), result transposed (W, H, 3))."""
+    seg_t = np.asarray(seg).T
+    grey = to_display(base) if base is not None else np.zeros(seg_t.shape, dtype=np.uint8)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2).astype(np.float32)
+    for label, colour in LABEL_COLOURS.items():
+        mask = seg_t == label
+        rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour, dtype=np.float32)
+    return (rgb + 0.5).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def channel_png(img: np.ndarray, channel: str) -> bytes:
+    """PNG of one channel: grey 8-bit image, or the seg as a colour label map."""
+    return png_bytes(label_rgb(img) if channel == SEG else to_display(img))
+
+
+def write_png(path: str | Path, img: np.ndarray, channel: str) -> Path:
+    return atomic_write_bytes(path, channel_png(img, channel))
+
+
+def write_sample(
+    out_dir: str | Path, prefix: str, index: int, sample: Mapping[str, np.ndarray]
+) -> list[Path]:
+    """NIfTI + PNG for each channel of one decoded sample; returns the paths written."""
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for channel, img in sample.items():
+        written.append(write_nifti(out_dir / sample_filename(prefix, index, channel, "nii.gz"), img, channel))
+        written.append(write_png(out_dir / sample_filename(prefix, index, channel, "png"), img, channel))
+    return written
+
+
+# ---------------------------------------------------------------------------
+# Grid
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where each cell of a grid PNG lies (pixels), so callers and tests can find it."""
+
+    rows: int
+    cols: int
+    cell: int  # cell edge in pixels (the slice upscaled by an integer factor)
+    scale: int
+    left: int  # x of the first column (after the row-label gutter)
+    top: int  # y of the first row (after the header)
+    pad: int
+    width: int
+    height: int
+
+    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of a cell, x1/y1 exclusive."""
+        x0 = self.left + col * (self.cell + self.pad)
+        y0 = self.top + row * (self.cell + self.pad)
+        return x0, y0, x0 + self.cell, y0 + self.cell
+
+
+_BG = (20, 20, 24)
+_FG = (235, 235, 235)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _base_channel(channels: Sequence[str]) -> str | None:
+    """The image the seg is drawn over: T1CE when present, else the first image channel."""
+    images = [c for c in channels if c != SEG]
+    return "t1ce" if "t1ce" in images else (images[0] if images else None)
+
+
+def render_grid(
+    samples: Sequence[Mapping[str, np.ndarray]],
+    channels: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+    min_cell: int = 128,
+) -> tuple[Image.Image, GridLayout]:
+    """Rows = samples, columns = channels; the seg column is a colour overlay on T1CE."""
+    if not samples:
+        raise ValueError("a grid needs at least one sample")
+    size = int(np.asarray(samples[0][channels[0]]).shape[0])
+    scale = max(1, math.ceil(min_cell / size))
+    cell, pad = size * scale, 4
+    font = _font(14)
+    header, gutter = 24, 56
+    has_seg = SEG in channels
+    legend = 24 if has_seg else 0
+    width = gutter + len(channels) * (cell + pad)
+    height = header + len(samples) * (cell + pad) + legend
+    layout = GridLayout(len(samples), len(channels), cell, scale, gutter, header, pad, width, height)
+
+    canvas = Image.new("RGB", (width, height), _BG)
+    draw = ImageDraw.Draw(canvas)
+    base_name = _base_channel(channels)
+    for col, name in enumerate(channels):
+        x0, _, _, _ = layout.cell_box(0, col)
+        title = f"seg on {base_name}" if name == SEG and base_name else name
+        draw.text((x0 + 4, 5), title, fill=_FG, font=font)
+    for row, sample in enumerate(samples):
+        _, y0, _, _ = layout.cell_box(row, 0)
+        row_label = row_labels[row] if row_labels is not None else str(row)
+        draw.text((4, y0 + 4), row_label, fill=_FG, font=font)
+        for col, name in enumerate(channels):
+            if name == SEG:
+                arr = overlay_rgb(sample.get(base_name) if base_name else None, sample[SEG])
+            else:
+                arr = to_display(sample[name])
+            up = np.kron(arr, np.ones((scale, scale, 1) if arr.ndim == 3 else (scale, scale), np.uint8))
+            x0, y0, _, _ = layout.cell_box(row, col)
+            canvas.paste(Image.fromarray(up), (x0, y0))
+    if has_seg:
+        x, y = gutter, height - legend + 5
+        for label, colour in LABEL_COLOURS.items():
+            draw.rectangle((x, y, x + 12, y + 12), fill=colour)
+            text = f"{label} {LABEL_NAMES[label]}"
+            draw.text((x + 16, y - 1), text, fill=_FG, font=font)
+            x += 16 + int(draw.textlength(text, font=font)) + 14
+    return canvas, layout
+
+
+def write_grid(
+    path: str | Path,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    channels: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+) -> GridLayout:
+    """Render the grid PNG (see `render_grid`) and write it atomically; returns its layout."""
+    image, layout = render_grid(samples, channels, row_labels)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return layout
+
+
+# ---------------------------------------------------------------------------
+# manifest, npz, zip
+
+
+def make_manifest(
+    *,
+    seed: int,
+    sampler: str,
+    steps: int,
+    sha256: str,
+    model: str,
+    channel_set: str,
+    channels: Sequence[str],
+    image_size: int,
+    indices: Sequence[int],
+    files: Sequence[str],
+    timings: Mapping[str, float],
+    version: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest dict shared by `synthmri sample` and the worker (JSON-serialisable)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": version,
+        "model": model,
+        "sha256": sha256,
+        "channel_set": channel_set,
+        "channels": list(channels),
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "sampler": sampler,
+        "steps": int(steps),
+        "count": len(indices),
+        "indices": [int(i) for i in indices],
+        "timings": {k: round(float(v), 4) for k, v in timings.items()},
+        "files": list(files),
+        **extra,
+    }
+
+
+def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> Path:
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def research_array(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] → (N, H, W, C) uint8, the research scripts' sample layout."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) samples, got shape {x.shape}")
+    u8 = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))
+
+
+def write_npz(path: str | Path, x: np.ndarray) -> Path:
+    """All samples as key `arr_0` (N×H×W×C uint8), as the research sampling scripts saved them."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, arr_0=research_array(x))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_ALREADY_COMPRESSED = (".gz", ".png", ".npz", ".zip")
+
+
+def write_zip(path: str | Path, files: Sequence[str | Path], root: str | Path) -> Path:
+    """Zip `files` under their paths relative to `root`, with fixed timestamps."""
+    root = Path(root)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for f in files:
+                f = Path(f)
+                arcname = (f if not f.is_absolute() else f.relative_to(root)).as_posix()
+                info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
+                info.external_attr = 0o644 << 16
+                stored = arcname.endswith(_ALREADY_COMPRESSED)
+                info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+                zf.writestr(info, (root / arcname).read_bytes())
+
+    return atomic_write(path, write)
