@@ -1,0 +1,66 @@
+"""Training figures: the loss curve and the sample grid written at checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from training.metrics import read_metrics
+
+
+def write_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Training loss (and its running mean), validation loss and LR against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("loss") is not None and r.get("kind", "train") == "train"]
+    val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    if not train:
+        return
+    steps = np.array([r["step"] for r in train])
+    loss = np.array([r["loss"] for r in train], dtype=float)
+    mse = np.array([r.get("mse", np.nan) for r in train], dtype=float)
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss (global batch)")
+    window = max(1, len(loss) // 20)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"loss, mean of {window} logs")
+    if np.isfinite(mse).any():
+        ax.plot(steps, mse, lw=0.8, alpha=0.6, label="mse (ε)")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "training loss")
+    ax_lr.plot(steps, [r.get("lr", np.nan) for r in train], color="tab:gray")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def write_sample_grid(
+    ckpt_dir: str | Path, png_path: str | Path, *, count: int, sampler: str, steps: int, seed: int = 0
+) -> None:
+    """Sample the checkpoint just written (EMA weights) and save rows=samples, columns=channels."""
+    from model.checkpoint import load_checkpoint
+    from model.generate import decode_sample, generate
+    from worker.writers import write_grid
+
+    ckpt = load_checkpoint(ckpt_dir)
+    x = generate(ckpt, seed=seed, indices=range(count), sampler=sampler, steps=steps, batch_size=count)
+    samples = [decode_sample(x[i], ckpt.config) for i in range(len(x))]
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    write_grid(png_path, samples, list(ckpt.config.channels))
