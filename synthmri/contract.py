@@ -1,0 +1,199 @@
+"""The job contract shared by the API and the worker (torch-free, FastAPI-free).
+
+A request names a model or a channel set; the API resolves it into a `JobSpec`
+(model, checkpoint sha256, seed, sampler, steps, index ranges) that is stored in Redis
+and never changes. The worker reads the spec by job id; the manifest records it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from synthmri.channels import CHANNEL_SETS
+
+TASK_SAMPLE_RANGE = "synthmri.sample_range"
+TASK_FINALIZE_JOB = "synthmri.finalize_job"
+QUEUE = "synthmri"
+
+# Mirrors model.samplers.DEFAULT_STEPS (tests/api/test_contract.py asserts they agree);
+# duplicated so that the API never imports torch.
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
+SAMPLERS: tuple[str, ...] = ("dpm++", "ddim", "ddpm")
+MAX_SEED = 2**63 - 1
+
+Sampler = Literal["dpm++", "ddim", "ddpm"]
+OutputFormat = Literal["nifti", "png", "npz"]
+JOB_ID_PATTERN = r"^[0-9a-f]{16}$"
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(8)
+
+
+def new_seed() -> int:
+    """A seed for a request that gave none; it is recorded so the job can be repeated."""
+    return secrets.randbits(63)
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+ACTIVE_STATES = frozenset({JobState.queued, JobState.running})
+
+
+class JobRequest(BaseModel):
+    """What a client POSTs to /v1/jobs."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"channels": "t1ce+seg", "count": 4, "seed": 1}]},
+    )
+
+    model: str | None = Field(
+        None, description="A model name from GET /v1/models.", min_length=1, max_length=100
+    )
+    channels: str | None = Field(
+        None,
+        description=f"A channel set ({', '.join(CHANNEL_SETS)}). Alone it picks the model with exactly "
+        "these channels or the smallest superset; with `model` it selects channels of that model.",
+    )
+    count: int = Field(..., ge=1, description="Number of samples (1..the server's max_count).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed; sample i depends only on (seed, i). Random if absent."
+    )
+    sampler: Sampler = Field("dpm++", description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral).")
+    steps: int | None = Field(
+        None, ge=1, le=10000, description=f"Sampling steps; default per sampler {DEFAULT_STEPS}."
+    )
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: ["nifti", "png"],
+        min_length=1,
+        description="Per-sample outputs: nifti (BraTS naming), png, and/or npz (N×H×W×C uint8).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JobRequest:
+        if self.model is None and self.channels is None:
+            raise ValueError(
+                f"give `model` (see GET /v1/models) or `channels` (one of {', '.join(CHANNEL_SETS)})"
+            )
+        if self.channels is not None and self.channels not in CHANNEL_SETS:
+            raise ValueError(
+                f"unknown channel set {self.channels!r}; use one of {', '.join(CHANNEL_SETS)}"
+            )
+        self.formats = sorted(set(self.formats), key=("nifti", "png", "npz").index)  # type: ignore[arg-type]
+        return self
+
+    @property
+    def effective_steps(self) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
+
+
+class JobSpec(BaseModel):
+    """The resolved, immutable description of a job (stored in Redis, read by workers)."""
+
+    id: str
+    owner: str = Field(description="sha256 of the creating API key")
+    model: str
+    model_sha256: str
+    channel_set: str = Field(description="the model's channel set")
+    channels: list[str] = Field(description="channels kept in the outputs, in model order")
+    image_size: int
+    count: int
+    seed: int
+    sampler: Sampler
+    steps: int
+    formats: list[OutputFormat]
+    batch_size: int
+    created_at: float
+    request: dict[str, Any] = Field(description="the request as the client sent it")
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Contiguous [start, stop) sample index ranges, one Celery task each."""
+        return [(s, min(s + self.batch_size, self.count)) for s in range(0, self.count, self.batch_size)]
+
+
+class Progress(BaseModel):
+    samples_done: int = 0
+    samples_total: int
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="sampler steps done / all steps of the job")
+
+
+class Timings(BaseModel):
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    queued_seconds: float | None = None
+    run_seconds: float | None = None
+
+
+class JobView(BaseModel):
+    """A job as GET /v1/jobs/{id} shows it."""
+
+    id: str
+    state: JobState
+    model: str
+    model_sha256: str
+    channels: list[str]
+    count: int
+    seed: int
+    sampler: Sampler
+    steps: int
+    formats: list[OutputFormat]
+    image_size: int
+    progress: Progress
+    timings: Timings
+    cancel_requested: bool = False
+    error: str | None = None
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class ManifestFile(BaseModel):
+    path: str
+    sample: int | None = None
+    channel: str | None = None
+    format: str
+
+
+class Manifest(BaseModel):
+    """manifest.json: everything needed to reproduce and audit a job's outputs."""
+
+    job_id: str
+    model: str
+    checkpoint_sha256: str
+    channel_set: str
+    channels: list[str]
+    image_size: int
+    count: int
+    seed: int
+    sampler: Sampler
+    steps: int
+    formats: list[OutputFormat]
+    request: dict[str, Any]
+    software_version: str
+    device: str
+    precision: str
+    nifti: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "affine": [[-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+            "image_dtype": "float32 in [0, 1]",
+            "seg_dtype": "uint8 BraTS labels {0, 1, 2, 4}",
+            "spacing_mm": [1, 1, 1],
+        }
+    )
+    timings: dict[str, float | None]
+    files: list[ManifestFile]
