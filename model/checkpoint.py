@@ -71,7 +71,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage and non-contiguous views; own copies on CPU avoid both.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    metadata = {"format": "pt", "synthmri_config_version": str(config.format_version)}
+    # One metadata key only: safetensors writes metadata from a Rust HashMap in random order,
+    # so several keys would make the bytes (and the sha256) of identical weights differ.
+    metadata = {"format": "pt"}
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
     text = config.to_json() + "\n"
     _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
