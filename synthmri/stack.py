@@ -26,6 +26,9 @@ from synthmri.cli import CliError, make_parser
 from synthmri.localstack import Child, LocalStack, StackError
 
 DEMO_MODEL = "demo"
+# `python -m synthmri.cli` would load the CLI twice (as __main__ and as synthmri.cli), and
+# then a sub-command's CliError would not be caught as one.
+SYNTHMRI_CMD = [sys.executable, "-c", "import sys; from synthmri.cli import main; sys.exit(main())"]
 _PR_SET_PDEATHSIG = 1
 
 
@@ -90,10 +93,10 @@ def ensure_models(models_dir: Path) -> dict[str, str]:
         f"No model in {models_dir}/ yet: training the demo model into {out}/ "
         "(`synthmri demo-model`, up to ~10 minutes on a laptop CPU; done once)."
     )
-    cmd = [sys.executable, "-m", "synthmri.cli", "demo-model", "--out", str(out)]
-    code = subprocess.call(cmd)
+    args = ["demo-model", "--out", str(out)]
+    code = subprocess.call([*SYNTHMRI_CMD, *args])
     if code != 0 or not (out / "config.json").exists():
-        rerun = " ".join(cmd[2:])
+        rerun = " ".join(["synthmri", *args])
         raise CliError(f"training the demo model failed (exit code {code}); run `{rerun}` to see why")
     return installed_models(models_dir)
 
