@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start one Celery worker process per visible GPU, each pinned to its GPU with
-# CUDA_VISIBLE_DEVICES, concurrency 1 and prefetch 1 (long tasks, late acks).
+# CUDA_VISIBLE_DEVICES, solo pool, concurrency 1 and prefetch 1 (long tasks, late acks).
 # If any of them exits, stop the others and exit with its status so the container
 # restarts as a whole instead of running with fewer GPUs than it reserved.
 #   SYNTHMRI_WORKER_GPUS   number of worker processes (default: GPUs torch can see, at least 1)
@@ -22,7 +22,7 @@ stop_all() {
 trap 'stop_all; exit 143' TERM INT
 
 for ((i = 0; i < gpus; i++)); do
-    CUDA_VISIBLE_DEVICES=$i celery -A worker.celery_app worker \
+    CUDA_VISIBLE_DEVICES=$i celery -A worker.celery_app:app worker --pool solo \
         --loglevel INFO --concurrency 1 --prefetch-multiplier 1 \
         --hostname "gpu${i}@%h" "$@" &
     pids+=("$!")

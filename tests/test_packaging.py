@@ -198,13 +198,23 @@ def test_compose_services_volumes_and_redis_persistence(compose: dict) -> None:
     assert services["trainer"]["build"]["target"] == "train"
 
 
-def test_compose_env_names_are_real_settings(compose: dict) -> None:
+def _interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} with VAR unset; ${VAR:?message} stands for a user-supplied value."""
+    value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{\w+:\?[^}]*\}", "user-value", value)
+
+
+def test_compose_env_are_valid_settings(compose: dict) -> None:
+    """Every SYNTHMRI_* variable compose sets is a Settings field, and its value validates."""
     settings = pytest.importorskip("synthmri.settings")
-    fields = {f"SYNTHMRI_{name.upper()}" for name in settings.Settings.model_fields}
+    fields = {f"SYNTHMRI_{name.upper()}": name for name in settings.Settings.model_fields}
     for name, service in compose["services"].items():
-        for key in service.get("environment", {}):
+        values = {}
+        for key, value in service.get("environment", {}).items():
             if key.startswith("SYNTHMRI_"):
                 assert key in fields, f"service {name!r} sets {key}, which synthmri/settings.py does not read"
+                values[fields[key]] = _interpolate(str(value))
+        settings.Settings(**values)
 
 
 def test_compose_healthchecks(compose: dict) -> None:
@@ -231,11 +241,15 @@ def test_worker_entrypoint_is_valid_bash_and_starts_one_celery_per_gpu() -> None
     assert script.stat().st_mode & 0o111, "entrypoint must be executable"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert "CUDA_VISIBLE_DEVICES=$i" in text and "--concurrency 1" in text
+    assert "CUDA_VISIBLE_DEVICES=$i" in text and "--concurrency 1" in text and "--pool solo" in text
     m = re.search(r"celery -A (\S+) worker", text)
     assert m
     if _module_file("worker.celery_app") is not None:
-        assert _module_file(m.group(1)) is not None, f"celery app module {m.group(1)} does not exist"
+        module, _, attribute = m.group(1).partition(":")
+        path = _module_file(module)
+        assert path is not None, f"celery app module {module} does not exist"
+        defined = re.search(rf"^{attribute or 'app'} = Celery\(", path.read_text(), re.M)
+        assert defined, f"no Celery app {m.group(1)}"
 
 
 def test_parse_dockerfile_reads_stages_and_continuations() -> None:
