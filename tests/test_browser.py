@@ -1,0 +1,153 @@
+"""The web page in a real headless Chromium against the real stack (Redis, worker, API).
+
+Needs Debian's `chromium` and `chromium-driver` (apt-get install chromium chromium-driver);
+without them the test is skipped. Set SYNTHMRI_UPDATE_DOCS=1 to also copy the
+screenshot to docs/web-ui.png (the README shows it).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthmri.localstack import LocalStack
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+HOW_TO_ENABLE = (
+    "no headless browser: install Debian's Chromium and its driver to run this test "
+    "(sudo apt-get install chromium chromium-driver; .ci/run does it)"
+)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, tiny_checkpoint_readonly: Path) -> Iterator[LocalStack]:
+    shutil.copytree(tiny_checkpoint_readonly, tmp_path / "models" / "tiny")
+    with LocalStack(
+        models_dir=tmp_path / "models",
+        results_dir=tmp_path / "results",
+        workdir=tmp_path / "run",
+        env={"SYNTHMRI_DEVICE": "cpu"},
+    ) as s:
+        yield s
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(HOW_TO_ENABLE)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1200,1500",
+    ):
+        options.add_argument(flag)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str, driver: Any) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    error = driver.find_element("id", "error").text
+    raise AssertionError(f"timed out waiting for {what}; page error box: {error!r}")
+
+
+def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    by_id = lambda name: driver.find_element("id", name)  # noqa: E731
+    driver.get(stack.url + "/")
+    assert "SynthMRI" in driver.title
+
+    by_id("api-key").send_keys(stack.api_key)
+    by_id("key-form").submit()
+    _wait(lambda: "t1ce+seg" in [o.get_attribute("value") for o in Select(by_id("channels")).options],
+          30, "the model list", driver)  # fmt: skip
+    assert driver.execute_script("return localStorage.getItem('synthmri.apiKey')") == stack.api_key
+
+    Select(by_id("channels")).select_by_value("t1ce+seg")
+    for name, value in (("count", "3"), ("seed", "7"), ("steps", "3")):
+        by_id(name).clear()
+        by_id(name).send_keys(value)
+    Select(by_id("sampler")).select_by_value("ddim")
+    by_id("steps").clear()
+    by_id("steps").send_keys("3")  # changing the sampler resets steps to its default
+    by_id("submit").click()
+
+    _wait(lambda: by_id("result-card").is_displayed(), 180, "the result", driver)
+    natural = driver.execute_script(
+        "const i = document.getElementById('grid'); return [i.complete, i.naturalWidth, i.naturalHeight];"
+    )
+    job_id = by_id("job-id").text
+    assert by_id("progress-text").text.startswith("succeeded") and "100%" in by_id("progress-text").text
+
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
+    assert (job["count"], job["seed"], job["sampler"], job["steps"]) == (3, 7, "ddim", 3)
+    grid_png = httpx.get(f"{stack.url}/v1/jobs/{job_id}/grid.png", headers=headers, timeout=30).content
+    grid = Image.open(io.BytesIO(grid_png))
+    assert natural[0] and natural[1] > 0
+    assert (natural[1], natural[2]) == grid.size, "the page shows an image that is not the job's grid"
+    assert grid.size[1] > grid.size[0], "3 samples × 2 channels: the grid should be taller than wide"
+    assert len(driver.find_elements("css selector", "#sample-links tr")) == 3
+
+    # Nothing the page loads may come from another origin (no CDN).
+    origins = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)"
+    )
+    assert set(origins) <= {stack.url, "null"}, origins
+
+    shot = tmp_path / "web-ui.png"
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(shot))
+    screenshot = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert screenshot.shape[1] >= 1000 and screenshot.max() - screenshot.min() > 100
+    if os.environ.get("SYNTHMRI_UPDATE_DOCS") == "1":
+        shutil.copy(shot, ROOT / "docs" / "web-ui.png")
+
+    by_id("dl-zip").click()
+    archive = tmp_path / "downloads" / f"{job_id}.zip"
+    _wait(archive.exists, 30, "the zip download", driver)
+    names = zipfile.ZipFile(archive).namelist()
+    assert any(n.endswith(f"{job_id}_0002_seg.nii.gz") for n in names), names
+    assert any(n.endswith("manifest.json") for n in names), names
