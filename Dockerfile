@@ -81,7 +81,7 @@ ENTRYPOINT ["tini", "--", "worker-entrypoint"]
 # ---------------------------------------------------------------------------
 # train: DDP training with torchrun on every GPU of the host. Arguments after the
 # image name go to training.train, e.g.
-#   docker compose --profile trainer run --rm trainer --data-dir /data --out /models/mine
+#   docker compose --profile trainer run --rm trainer --preset base-128 --data /data --out /models/mine
 FROM worker AS train
 ENTRYPOINT ["tini", "--", "torchrun", "--standalone", "--nproc-per-node=gpu", "-m", "training.train"]
 CMD ["--help"]
