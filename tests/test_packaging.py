@@ -257,3 +257,20 @@ def test_parse_dockerfile_reads_stages_and_continuations() -> None:
     assert [s.name for s in stages] == ["one", "two"]
     assert stages[0].args("RUN") == ["x    && y"]
     assert stages[1].base == "one" and stages[1].args("COPY") == ["--chown=1 a b ./"]
+
+
+def test_web_page_is_self_contained_and_knows_the_channel_sets() -> None:
+    """No CDN or external URL in the page, and its channel-set list is synthmri.channels'."""
+    from synthmri.channels import CHANNEL_SETS
+
+    static = ROOT / "api/static"
+    for name in ("index.html", "app.js", "style.css"):
+        text = (static / name).read_text()
+        assert not re.search(r"(src|href)=\"(https?:)?//", text), f"{name} loads something from another host"
+        assert not re.search(r"url\((['\"])?(https?:)?//", text), f"{name} loads something from another host"
+        assert "@import" not in text and "fetch(\"http" not in text
+    html = (static / "index.html").read_text()
+    for asset in re.findall(r"(?:src|href)=\"/static/([^\"]+)\"", html):
+        assert (static / asset).is_file(), f"index.html refers to a missing /static/{asset}"
+    js_sets = re.search(r"const CHANNEL_SETS = \[([^\]]*)\]", (static / "app.js").read_text())
+    assert js_sets and re.findall(r"\"([^\"]+)\"", js_sets.group(1)) == list(CHANNEL_SETS)

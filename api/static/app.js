@@ -74,42 +74,51 @@ function channelSetOf(model) {
   return model.channels || model.name;
 }
 
+// The channel sets of synthmri/channels.py. A model serves its own set and every
+// subset of its channels (the server picks the smallest model that has them).
+const CHANNEL_SETS = ["t1ce", "t1ce+seg", "t1+t1ce+t2+flair+seg"];
+
+function modelFor(channelSet) {
+  const wanted = channelSet.split("+");
+  const able = state.models.filter((m) => wanted.every((c) => m.channels.includes(c)));
+  able.sort((a, b) => a.channels.length - b.channels.length);
+  return able.find((m) => m.channel_set === channelSet) || able[0];
+}
+
 async function loadModels() {
   const select = $("channels");
   try {
     const body = await (await api("/v1/models")).json();
-    state.models = modelList(body);
-    const sets = [];
-    for (const m of state.models) {
-      for (const cs of [channelSetOf(m), ...(m.serves || m.channel_sets || [])]) {
-        if (cs && !sets.includes(cs)) sets.push(cs);
-      }
-    }
+    state.models = modelList(body).map((m) => ({ ...m, channels: m.channels || channelSetOf(m).split("+") }));
+    const sets = CHANNEL_SETS.filter((cs) => modelFor(cs));
+    for (const m of state.models) if (!sets.includes(channelSetOf(m))) sets.push(channelSetOf(m));
     select.innerHTML = "";
     for (const cs of sets) {
       const opt = document.createElement("option");
       opt.value = cs;
-      opt.textContent = cs;
+      opt.textContent = `${cs}  (${cs.split("+").length} channel${cs.includes("+") ? "s" : ""})`;
       select.appendChild(opt);
     }
     if (!sets.length) select.innerHTML = '<option value="">no models installed</option>';
+    select.value = sets.includes("t1ce+seg") ? "t1ce+seg" : sets[0] || "";
     describeModel();
     showError("");
   } catch (e) {
-    select.innerHTML = '<option value="">(enter the API key first)</option>';
+    select.innerHTML = '<option value="">(could not list models)</option>';
     showError(`Could not list models: ${e.message}`);
   }
 }
 
 function describeModel() {
   const cs = $("channels").value;
-  const m = state.models.find((x) => channelSetOf(x) === cs);
+  const m = cs ? modelFor(cs) : undefined;
   if (!m) {
     $("model-info").textContent = "";
     return;
   }
   const size = m.image_size ? `${m.image_size}×${m.image_size} px` : "";
-  const parts = [`model ${m.name || m.id}`, size, m.description || ""].filter(Boolean);
+  const trained = m.provenance && m.provenance.steps ? `${m.provenance.steps} training steps` : "";
+  const parts = [`served by model “${m.name}”`, `channels ${m.channel_set}`, size, trained].filter(Boolean);
   $("model-info").textContent = parts.join(" · ");
 }
 
