@@ -52,6 +52,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (+ one at the end)
     val_batches: int = 2  # global batches of fixed-noise validation loss per checkpoint; 0 = off
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no budget
+    stop_at: int = 0  # stop (and checkpoint) after this step, resumable; 0 = run to `steps`
     seed: int = 0
     val_fraction: float = 0.1
     mode: Literal["percentile", "research"] = "percentile"

@@ -31,7 +31,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         # Buffers (none in the UNet today) follow the model exactly.

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -201,7 +201,7 @@ def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset
     from training.dataset import build_datasets
 
     def build() -> tuple[Dataset[Any], Dataset[Any], str]:
-        return build_datasets(  # type: ignore[no-any-return]
+        return build_datasets(
             cfg.data, cfg.channel_set, cfg.image_size, mode=cfg.mode, val_fraction=cfg.val_fraction,
             seed=cfg.seed, cache_dir=cfg.cache_dir or None,
             tumour_fraction=cfg.tumour_fraction if cfg.tumour_fraction >= 0 else None,
@@ -320,7 +320,9 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    no_sync = model.no_sync if ddp else contextlib.nullcontext  # type: ignore[operator]
+    def no_sync() -> contextlib.AbstractContextManager[Any]:
+        return cast(nn.parallel.DistributedDataParallel, model).no_sync() if ddp else contextlib.nullcontext()
+
     sampler = GlobalBatchSampler(n_train, cfg.global_batch, rank, world_size, cfg.seed, start_step)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=_is_cuda(device), persistent_workers=cfg.num_workers > 0)
@@ -336,7 +338,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         metrics.truncate_after(start_step)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"training {preset.name} ({cfg.channel_set}, {preset.model.image_size}², "
-              f"{n_params / 1e6:.2f} M params) on {n_train} slices, world {world_size}, global batch {cfg.global_batch} = "
+              f"{n_params / 1e6:.2f} M params) on {n_train} slices, world {world_size}, "
+              f"global batch {cfg.global_batch} = "
               f"{world_size}×{per_rank} in micro-batches of {micro}, {precision}, {device.type}, "
               f"steps {start_step}→{cfg.steps}", file=sys.stderr)
 
@@ -448,11 +451,12 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         bar.update(1)
 
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > cfg.max_minutes * 60
-        if ddp and cfg.max_minutes > 0:
+        if ddp and cfg.max_minutes > 0:  # the ranks' clocks differ; all stop when the first runs out
             flag = torch.tensor(float(out_of_time), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
-        if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
+        stopping = out_of_time or step == cfg.stop_at
+        if step % cfg.log_every == 0 or step == cfg.steps or stopping:
             if ddp:
                 dist.all_reduce(sums)
             now = time.perf_counter()
@@ -470,11 +474,12 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
                 bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
             sums.zero_()
             steps_in_log, t_log = 0, now
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             sha = checkpoint(step, last_loss, time.perf_counter() - t_start)
-        if out_of_time:
+        if stopping:
             if is_master:
-                print(f"stopping at step {step}: time budget of {cfg.max_minutes} min used", file=sys.stderr)
+                why = f"time budget of {cfg.max_minutes} min used" if out_of_time else "--stop-at"
+                print(f"stopping at step {step} ({why}); resume with --resume {out}", file=sys.stderr)
             break
     bar.close()
     if start_step >= cfg.steps and is_master:
