@@ -27,6 +27,7 @@ MAX_SEED = 2**63 - 1
 
 Sampler = Literal["dpm++", "ddim", "ddpm"]
 OutputFormat = Literal["nifti", "png", "npz"]
+DEFAULT_FORMATS: tuple[OutputFormat, ...] = ("nifti", "png")
 JOB_ID_PATTERN = r"^[0-9a-f]{16}$"
 
 
@@ -64,23 +65,28 @@ class JobRequest(BaseModel):
     )
 
     model: str | None = Field(
-        None, description="A model name from GET /v1/models.", min_length=1, max_length=100
+        default=None, description="A model name from GET /v1/models.", min_length=1, max_length=100
     )
     channels: str | None = Field(
-        None,
+        default=None,
         description=f"A channel set ({', '.join(CHANNEL_SETS)}). Alone it picks the model with exactly "
         "these channels or the smallest superset; with `model` it selects channels of that model.",
     )
     count: int = Field(..., ge=1, description="Number of samples (1..the server's max_count).")
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Seed; sample i depends only on (seed, i). Random if absent."
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed; sample i depends only on (seed, i). Random if absent.",
     )
-    sampler: Sampler = Field("dpm++", description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral).")
+    sampler: Sampler = Field(
+        default="dpm++", description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral)."
+    )
     steps: int | None = Field(
-        None, ge=1, le=10000, description=f"Sampling steps; default per sampler {DEFAULT_STEPS}."
+        default=None, ge=1, le=10000, description=f"Sampling steps; default per sampler {DEFAULT_STEPS}."
     )
     formats: list[OutputFormat] = Field(
-        default_factory=lambda: ["nifti", "png"],
+        default_factory=lambda: list(DEFAULT_FORMATS),
         min_length=1,
         description="Per-sample outputs: nifti (BraTS naming), png, and/or npz (N×H×W×C uint8).",
     )
@@ -92,10 +98,8 @@ class JobRequest(BaseModel):
                 f"give `model` (see GET /v1/models) or `channels` (one of {', '.join(CHANNEL_SETS)})"
             )
         if self.channels is not None and self.channels not in CHANNEL_SETS:
-            raise ValueError(
-                f"unknown channel set {self.channels!r}; use one of {', '.join(CHANNEL_SETS)}"
-            )
-        self.formats = sorted(set(self.formats), key=("nifti", "png", "npz").index)  # type: ignore[arg-type]
+            raise ValueError(f"unknown channel set {self.channels!r}; use one of {', '.join(CHANNEL_SETS)}")
+        self.formats = sorted(set(self.formats), key=("nifti", "png", "npz").index)
         return self
 
     @property
@@ -130,7 +134,9 @@ class JobSpec(BaseModel):
 class Progress(BaseModel):
     samples_done: int = 0
     samples_total: int
-    fraction: float = Field(0.0, ge=0.0, le=1.0, description="sampler steps done / all steps of the job")
+    fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="sampler steps done / all steps of the job"
+    )
 
 
 class Timings(BaseModel):
@@ -162,38 +168,31 @@ class JobView(BaseModel):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-class ManifestFile(BaseModel):
-    path: str
-    sample: int | None = None
-    channel: str | None = None
-    format: str
-
-
 class Manifest(BaseModel):
-    """manifest.json: everything needed to reproduce and audit a job's outputs."""
+    """manifest.json: everything needed to reproduce and audit a job's outputs.
 
-    job_id: str
+    The keys shared with `synthmri sample` (worker.writers.make_manifest) come first;
+    the service adds the job id, the request as sent, the formats and the device.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    version: str = Field(description="SynthMRI software version")
     model: str
-    checkpoint_sha256: str
+    sha256: str = Field(description="checkpoint sha256 (weights then config.json)")
     channel_set: str
     channels: list[str]
     image_size: int
-    count: int
     seed: int
     sampler: Sampler
     steps: int
-    formats: list[OutputFormat]
+    count: int
+    indices: list[int]
+    timings: dict[str, float]
+    files: list[str] = Field(description="paths relative to the job directory")
+    job_id: str
     request: dict[str, Any]
-    software_version: str
+    formats: list[OutputFormat]
     device: str
     precision: str
-    nifti: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "affine": [[-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-            "image_dtype": "float32 in [0, 1]",
-            "seg_dtype": "uint8 BraTS labels {0, 1, 2, 4}",
-            "spacing_mm": [1, 1, 1],
-        }
-    )
-    timings: dict[str, float | None]
-    files: list[ManifestFile]

@@ -77,9 +77,11 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10))
 
     # -- records ---------------------------------------------------------------
-    def create(self, spec: JobSpec) -> None:
+    def create(self, spec: JobSpec, ttl_seconds: int) -> None:
+        """Store a new queued job; its record expires `ttl_seconds` after the job ends."""
+        record: dict[Any, Any] = {"spec": spec.model_dump_json(), "state": JobState.queued.value, "ttl": str(ttl_seconds)}
         pipe = self.r.pipeline()
-        pipe.hset(job_key(spec.id), mapping={"spec": spec.model_dump_json(), "state": JobState.queued.value})
+        pipe.hset(job_key(spec.id), mapping=record)
         pipe.zadd(f"{PREFIX}owner:{spec.owner}", {spec.id: spec.created_at})
         pipe.hincrby(STATS_STATES, JobState.queued.value, 1)
         pipe.execute()
@@ -180,10 +182,6 @@ class JobStore:
             for suffix in ("", ":progress", ":ranges", ":finalize"):
                 pipe.expire(job_key(job_id) + suffix, ttl)
             pipe.execute()
-
-    def set_ttl(self, job_id: str, ttl_seconds: int) -> None:
-        """Records of finished jobs vanish this long after they end (files: see the worker's sweep)."""
-        self.r.hset(job_key(job_id), "ttl", str(ttl_seconds))
 
     # -- progress and finalisation --------------------------------------------
     def set_progress(self, job_id: str, start: int, step_units: float, samples: int) -> None:

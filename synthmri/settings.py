@@ -28,79 +28,79 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SYNTHMRI_", extra="ignore", frozen=True)
 
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
+        default="redis://127.0.0.1:6379/0",
         description="Redis URL: Celery broker, Celery result backend and job records.",
     )
     models_dir: Path = Field(
-        Path("var/models"),
+        default=Path("var/models"),
         description="Directory of checkpoints, one sub-directory per model (model.safetensors + "
         "config.json); the sub-directory name is the model name in /v1/models.",
     )
     results_dir: Path = Field(
-        Path("var/results"),
+        default=Path("var/results"),
         description="Directory where workers write job outputs ({results_dir}/{job_id}/); the API "
         "serves downloads from it, so API and workers must share it (a volume in compose).",
     )
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
-        frozenset(),
+        default=frozenset(),
         description="Comma-separated API keys accepted as `Authorization: Bearer KEY`. Entries "
         "written `sha256:HEX` are already hashed. Only sha256 hashes are kept in memory; with no "
         "keys every request is refused with 401.",
     )
-    max_count: int = Field(64, ge=1, description="Largest `count` (samples) one job may request.")
+    max_count: int = Field(default=64, ge=1, description="Largest `count` (samples) one job may request.")
     max_active_jobs_per_key: int = Field(
-        4, ge=1, description="Queued + running jobs one API key may have at once; more → 429."
+        default=4, ge=1, description="Queued + running jobs one API key may have at once; more → 429."
     )
     task_batch_size: int = Field(
-        8,
+        default=8,
         ge=1,
         description="Samples per Celery task (a contiguous index range); also the sampling batch "
         "size. Smaller spreads a job over more workers and shortens each task.",
     )
     result_ttl_seconds: int = Field(
-        86400,
+        default=86400,
         ge=60,
         description="How long a finished job's record and files are kept before removal.",
     )
     cleanup_interval_seconds: int = Field(
-        300, ge=5, description="How often each worker sweeps expired job directories."
+        default=300, ge=5, description="How often each worker sweeps expired job directories."
     )
     visibility_timeout_seconds: int = Field(
-        45,
+        default=45,
         ge=5,
         description="Redis transport visibility timeout: an unacknowledged task whose lease was not "
         "renewed for this long is handed to another worker. Running tasks renew their lease every "
         "visibility/4 s, so this bounds redelivery after a worker dies, not the task length.",
     )
     unacked_restore_interval_seconds: int = Field(
-        5,
+        default=5,
         ge=1,
         description="Seconds between the worker's sweeps for abandoned tasks (kombu "
         "unacked_restore_interval; the throttle is fixed at 2, so a sweep runs every 2× this).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto",
+        default="auto",
         description="Worker device: `auto` takes CUDA when available. Run one worker process per "
         "GPU (solo pool), e.g. CUDA_VISIBLE_DEVICES=i for the i-th process.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
+        default="fp32",
         description="Worker arithmetic: fp32, or bf16/fp16 autocast on CUDA (ignored on CPU). "
         "Samples are reproducible for a fixed device and precision.",
     )
     progress_interval_seconds: float = Field(
-        0.5, ge=0.05, description="Minimum time between progress writes to a job record."
+        default=0.5, ge=0.05, description="Minimum time between progress writes to a job record."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level of the API and the worker."
+        default="info", description="Log level of the API and the worker."
     )
     public_base_url: str = Field(
-        "",
+        default="",
         description="Base URL put in result links (e.g. https://synthmri.example.org); empty → "
         "links are relative to the request's host.",
     )
     long_poll_max_seconds: float = Field(
-        60.0, ge=0, description="Upper bound for `GET /v1/jobs/{id}?wait=S`."
+        default=60.0, ge=0, description="Upper bound for `GET /v1/jobs/{id}?wait=S`."
     )
 
     @field_validator("api_keys", mode="before")

@@ -1,0 +1,52 @@
+"""Dependencies shared by the routers: settings, the job store, the task queue and the caller's key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.problems import Problem
+from api.queue import TaskQueue
+from synthmri.jobstore import JobStore
+from synthmri.settings import Settings, hash_api_key
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    queue: TaskQueue
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from SYNTHMRI_API_KEYS")
+
+
+def get_owner(
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The sha256 of the caller's API key (the owner id of the jobs it creates)."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise Problem(401, "send your API key as `Authorization: Bearer KEY`", headers=challenge)
+    if not services.settings.api_keys:
+        raise Problem(
+            401, "this server has no API keys configured (set SYNTHMRI_API_KEYS)", headers=challenge
+        )
+    owner = hash_api_key(credentials.credentials)
+    if owner not in services.settings.api_keys:
+        raise Problem(401, "the API key is not recognised; check it or ask for a new one", headers=challenge)
+    return owner
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]

@@ -1,0 +1,53 @@
+"""The SynthMRI HTTP API (FastAPI). Torch-free: jobs go to the GPU workers through Celery by name.
+
+Run: `uvicorn api.main:app` (settings from SYNTHMRI_* environment variables).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from api import problems
+from api.deps import Services
+from api.queue import TaskQueue
+from api.routers import health, jobs, models
+from synthmri import __version__
+from synthmri.jobstore import JobStore
+from synthmri.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper())
+    app = FastAPI(
+        title="SynthMRI",
+        version=__version__,
+        description="On-demand synthetic brain MRI slices (BraTS channels + tumour mask) from a "
+        "diffusion model. Authenticate with `Authorization: Bearer KEY`; errors are problem+json.",
+    )
+    app.state.services = Services(settings, JobStore.from_url(settings.redis_url), TaskQueue(settings))
+    problems.install(app)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    def index() -> FileResponse:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise problems.Problem(404, "the web page is not installed (api/static/index.html); see /docs")
+        return FileResponse(page, media_type="text/html")
+
+    # check_dir=False: the page's files may be absent (an API-only install); /static/* is then 404.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    return app
+
+
+app = create_app()

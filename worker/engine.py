@@ -1,0 +1,280 @@
+"""The work behind the Celery tasks: sample an index range into files, then finalise the job.
+
+Files of a job live in `{results_dir}/{job_id}/`. A sample counts as complete when its
+`.parts/{i:04d}.npz` (kept channels, decoded and raw) exists; it is written last, after the
+NIfTI/PNG files, and every file is renamed into place, so a redelivered task skips
+finished samples and never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from synthmri import __version__
+from synthmri.contract import JobSpec, JobState, Manifest
+from synthmri.jobstore import JobStore
+from synthmri.settings import Settings
+
+log = logging.getLogger("synthmri.worker")
+
+PARTS = ".parts"
+EXPIRES_FILE = ".expires"
+GRID = "grid.png"
+MANIFEST = "manifest.json"
+ARCHIVE = "archive.zip"
+NPZ = "samples.npz"
+
+
+class JobError(RuntimeError):
+    """A job that cannot run (the message is shown to the client)."""
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise JobError("SYNTHMRI_DEVICE=cuda but this worker sees no CUDA device")
+    return setting
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return Path(settings.results_dir) / job_id
+
+
+def part_path(directory: Path, index: int) -> Path:
+    return directory / PARTS / f"{index:04d}.npz"
+
+
+def sample_files(spec: JobSpec, index: int) -> list[str]:
+    """The per-sample output names of sample `index` (relative to the job directory)."""
+    from worker.writers import sample_filename
+
+    exts = [e for f, e in (("nifti", "nii.gz"), ("png", "png")) if f in spec.formats]
+    return [sample_filename(spec.id, index, c, ext) for c in spec.channels for ext in exts]
+
+
+def missing_indices(spec: JobSpec, directory: Path, start: int, stop: int) -> list[int]:
+    return [i for i in range(start, stop) if not part_path(directory, i).exists()]
+
+
+def remove_range(spec: JobSpec, directory: Path, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        for name in sample_files(spec, i):
+            (directory / name).unlink(missing_ok=True)
+        part_path(directory, i).unlink(missing_ok=True)
+
+
+def sample_range(
+    spec: JobSpec,
+    directory: Path,
+    start: int,
+    stop: int,
+    *,
+    settings: Settings,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> int:
+    """Generate and write samples [start, stop) that are not yet complete; returns how many."""
+    from model.generate import decode_sample, generate
+    from worker.model_cache import get_checkpoint
+    from worker.writers import atomic_write_bytes, sample_filename, write_nifti, write_png
+
+    todo = missing_indices(spec, directory, start, stop)
+    if not todo:
+        return 0
+    device = resolve_device(settings.device)
+    ckpt = get_checkpoint(Path(settings.models_dir) / spec.model, device)
+    if ckpt.sha256 != spec.model_sha256:
+        raise JobError(
+            f"model {spec.model!r} was replaced after the job was submitted "
+            f"(sha256 {spec.model_sha256[:12]}… → {ckpt.sha256[:12]}…); submit the job again"
+        )
+    x = generate(
+        ckpt,
+        seed=spec.seed,
+        indices=todo,
+        sampler=spec.sampler,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        device=device,
+        progress=progress,
+        should_stop=should_stop,
+        precision=settings.precision if device != "cpu" else "fp32",
+    )
+    keep = [ckpt.config.channels.index(c) for c in spec.channels]
+    (directory / PARTS).mkdir(parents=True, exist_ok=True)
+    for k, i in enumerate(todo):
+        decoded = decode_sample(x[k], ckpt.config)
+        kept = {c: decoded[c] for c in spec.channels}
+        for c, img in kept.items():
+            if "nifti" in spec.formats:
+                write_nifti(directory / sample_filename(spec.id, i, c, "nii.gz"), img, c)
+            if "png" in spec.formats:
+                write_png(directory / sample_filename(spec.id, i, c, "png"), img, c)
+        buf = io.BytesIO()
+        np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
+        atomic_write_bytes(part_path(directory, i), buf.getvalue())
+    return len(todo)
+
+
+def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
+    """Grid, npz, manifest and zip from the complete samples (idempotent: same inputs, same bytes)."""
+    from worker.writers import (
+        MANIFEST_FORMAT,
+        make_manifest,
+        write_grid,
+        write_manifest,
+        write_npz,
+        write_zip,
+    )
+
+    t0 = time.time()
+    samples, raw = [], []
+    for i in range(spec.count):
+        with np.load(part_path(directory, i)) as part:
+            samples.append({c: part[c] for c in spec.channels})
+            raw.append(part["raw"])
+    write_grid(directory / GRID, samples, spec.channels, row_labels=[str(i) for i in range(spec.count)])
+    files = [name for i in range(spec.count) for name in sample_files(spec, i)]
+    if "npz" in spec.formats:
+        write_npz(directory / NPZ, np.stack(raw))
+        files.append(NPZ)
+    files.append(GRID)
+    timings = {"created_at": spec.created_at, "finalized_at": t0}
+    if started_at is not None:
+        timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
+                       run_seconds=t0 - started_at)  # fmt: skip
+    manifest = Manifest.model_validate(
+        make_manifest(
+            seed=spec.seed,
+            sampler=spec.sampler,
+            steps=spec.steps,
+            sha256=spec.model_sha256,
+            model=spec.model,
+            channel_set=spec.channel_set,
+            channels=spec.channels,
+            image_size=spec.image_size,
+            indices=list(range(spec.count)),
+            files=files,
+            timings=timings,
+            version=__version__,
+            job_id=spec.id,
+            request=spec.request,
+            formats=spec.formats,
+            device=settings.device,
+            precision=settings.precision,
+        )
+    )
+    assert manifest.format == MANIFEST_FORMAT
+    write_manifest(directory / MANIFEST, manifest.model_dump(mode="json"))
+    write_zip(directory / ARCHIVE, [*files, MANIFEST], directory)
+    (directory / EXPIRES_FILE).write_text(str(time.time() + settings.result_ttl_seconds))
+    return manifest
+
+
+class Throttle:
+    """Calls through at most once per `interval` seconds (progress writes, cancel polls)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False
+
+
+def process_range(store: JobStore, settings: Settings, job_id: str, start: int, stop: int) -> str:
+    """One Celery task's work; returns what happened (for the task result and logs)."""
+    from model.samplers import SamplingCancelled
+
+    rec = store.get(job_id)
+    if rec is None:
+        return "skipped: unknown or expired job"
+    if rec.state.terminal:
+        return f"skipped: job is {rec.state.value}"
+    spec, directory = rec.spec, job_dir(settings, job_id)
+    if store.cancel_requested(job_id):
+        return cancel(store, spec, directory)
+    store.mark_running(job_id)
+    n = stop - start
+
+    write_throttle, stop_throttle = Throttle(settings.progress_interval_seconds), Throttle(0.1)
+    cancelled = False
+
+    def progress(done: int, total: int) -> None:
+        if write_throttle.ready():
+            store.set_progress(job_id, start, n * done / max(1, total), 0)
+
+    def should_stop() -> bool:
+        nonlocal cancelled
+        if not cancelled and stop_throttle.ready():
+            cancelled = store.cancel_requested(job_id)
+        return cancelled
+
+    try:
+        generated = sample_range(spec, directory, start, stop, settings=settings,
+                                 progress=progress, should_stop=should_stop)  # fmt: skip
+    except SamplingCancelled:
+        return cancel(store, spec, directory)
+    except Exception as e:
+        if store.cancel_requested(job_id):  # e.g. the directory vanished under a cancel
+            return cancel(store, spec, directory)
+        log.exception("job %s range [%d, %d) failed", job_id, start, stop)
+        store.finish(job_id, JobState.failed, error=f"sampling failed: {type(e).__name__}: {e}")
+        return "failed"
+    if store.cancel_requested(job_id):
+        return cancel(store, spec, directory)
+    store.set_progress(job_id, start, n, n)
+    store.count_samples(generated)
+    if store.mark_range_done(job_id, start) == len(spec.ranges()):
+        return maybe_finalize(store, settings, job_id)
+    return f"sampled {generated} of [{start}, {stop})"
+
+
+def maybe_finalize(store: JobStore, settings: Settings, job_id: str) -> str:
+    """Finalise if every range is in and no other task holds the finalisation lease."""
+    rec = store.get(job_id)
+    if rec is None or rec.state != JobState.running:
+        return "skipped finalisation: job not running"
+    lease = max(60, settings.visibility_timeout_seconds)
+    if not store.claim_finalize(job_id, lease):
+        return "skipped finalisation: another task holds it"
+    directory = job_dir(settings, job_id)
+    try:
+        missing = [i for i in range(rec.spec.count) if not part_path(directory, i).exists()]
+        if missing:
+            # A range was marked done but its files are gone (e.g. results dir wiped): redo it.
+            store.release_finalize(job_id)
+            raise JobError(f"samples {missing[:5]} are missing from the results directory")
+        finalize(rec.spec, directory, settings=settings, started_at=rec.started_at)
+    except Exception as e:
+        store.release_finalize(job_id)
+        if store.cancel_requested(job_id):
+            return cancel(store, rec.spec, directory)
+        log.exception("finalising job %s failed", job_id)
+        store.finish(job_id, JobState.failed, error=f"finalising failed: {type(e).__name__}: {e}")
+        return "failed"
+    if not store.finish(job_id, JobState.succeeded):
+        # Cancelled while finalising: the cancel wins, and nothing of the job is kept.
+        return cancel(store, rec.spec, directory)
+    return "succeeded"
+
+
+def cancel(store: JobStore, spec: JobSpec, directory: Path) -> str:
+    """Remove everything the job wrote and mark it cancelled (any task of the job may do this)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    store.finish(spec.id, JobState.cancelled)
+    return "cancelled"
