@@ -79,7 +79,11 @@ class JobStore:
     # -- records ---------------------------------------------------------------
     def create(self, spec: JobSpec, ttl_seconds: int) -> None:
         """Store a new queued job; its record expires `ttl_seconds` after the job ends."""
-        record: dict[Any, Any] = {"spec": spec.model_dump_json(), "state": JobState.queued.value, "ttl": str(ttl_seconds)}
+        record: dict[Any, Any] = {
+            "spec": spec.model_dump_json(),
+            "state": JobState.queued.value,
+            "ttl": str(ttl_seconds),
+        }
         pipe = self.r.pipeline()
         pipe.hset(job_key(spec.id), mapping=record)
         pipe.zadd(f"{PREFIX}owner:{spec.owner}", {spec.id: spec.created_at})
