@@ -121,8 +121,9 @@ def test_up_serves_a_real_request_and_ctrl_c_stops_every_child(up: Up) -> None:
     headers = {"Authorization": f"Bearer {up.key}"}
     with httpx.Client(base_url=up.url, headers=headers, timeout=90) as client:
         assert client.get("/").status_code == 200
-        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         request = {"channels": "t1ce+seg", "count": 2, "seed": 3, "sampler": "ddim", "steps": 3}
+        wrong_key = {"Authorization": "Bearer wrong"}
+        assert client.post("/v1/jobs", json=request, headers=wrong_key).status_code == 401
         r = client.post("/v1/jobs", json=request)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
