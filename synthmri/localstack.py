@@ -76,6 +76,54 @@ class Child:
         return self.proc.poll() is None
 
 
+def redis_argv(port: int, host: str, workdir: Path) -> list[str]:
+    """redis-server on one localhost port, no persistence (job records are disposable)."""
+    return [
+        find_redis_server(),
+        "--port", str(port),
+        "--bind", host,
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+
+
+class RedisServer:
+    """Just a redis-server on a free port (for tests that need Redis but no worker)."""
+
+    def __init__(self, workdir: str | Path, host: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.host, self.port = host, free_port(host)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def __enter__(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = redis_argv(self.port, self.host, self.workdir)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise StackError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
 class LocalStack:
     """Redis + N Celery workers (solo pool) + the API, on free localhost ports.
 
@@ -200,16 +248,7 @@ class LocalStack:
         )
 
     def start_redis(self) -> None:
-        argv = [
-            find_redis_server(),
-            "--port", str(self.redis_port),
-            "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.workdir),
-            "--protected-mode", "yes",
-        ]  # fmt: skip
-        self.redis = self._spawn("redis", argv)
+        self.redis = self._spawn("redis", redis_argv(self.redis_port, self.host, self.workdir))
         client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
         try:
             self._wait(self.redis, lambda: client.ping(), "reachable")
@@ -236,10 +275,14 @@ class LocalStack:
         return len(self.workers) - 1
 
     def kill_worker(self, index: int, sig: int = signal.SIGKILL) -> None:
-        """Kill a worker abruptly (as a crash would); its unacknowledged task gets redelivered."""
-        child = self.workers[index]
+        """Kill a worker abruptly (as a crash would); its unacknowledged task gets redelivered.
+
+        The worker leaves `self.workers` (later indices shift down), so `check()` stays quiet.
+        """
+        child = self.workers.pop(index)
         child.proc.send_signal(sig)
         child.proc.wait(timeout=30)
+        child.log_file.close()
 
     def start_api(self) -> None:
         argv = [
