@@ -297,3 +297,20 @@ def test_killed_worker_task_is_redelivered(api: Api, stack: Any) -> None:
         x = a[f"{job['id']}_{i:04d}_t1ce.nii.gz"][0]
         y = b[f"{fresh['id']}_{i:04d}_t1ce.nii.gz"][0]
         assert np.array_equal(x, y)  # same batch composition on the same device: bit-identical
+
+
+def test_generate_cli_submits_and_downloads(stack: Any, tmp_path: Path, capsys: Any) -> None:
+    from synthmri.cli import main
+    from tests.integration.conftest import API_KEY
+
+    out = tmp_path / "out"
+    base = ["generate", "--url", stack.url, "--count", "2", "--seed", "3", "--channels", "t1ce+seg"]
+    rc = main([*base, "--api-key", API_KEY, "--steps", "3", "--out", str(out), "--quiet"])
+    assert rc == 0
+    niftis = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert len(niftis) == 4 and niftis[0].endswith("_0000_seg.nii.gz")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["steps"] == 3
+    assert main([*base, "--api-key", "wrong", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "401" in err[0] and "not recognised" in err[0]

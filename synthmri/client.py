@@ -1,0 +1,120 @@
+"""A small HTTP client for the SynthMRI service (httpx; imports neither the API nor torch)."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class ServiceError(RuntimeError):
+    """An error answer of the service (its problem+json detail) or an unreachable service."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None, *, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ServiceError(f"cannot reach {self.url} ({type(e).__name__}: {e})") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail") or r.reason_phrase
+            except ValueError:
+                detail = r.reason_phrase
+            raise ServiceError(f"{r.status_code} {detail}", r.status_code)
+        return r
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/models").json()["models"])
+
+    def submit(self, **request: Any) -> dict[str, Any]:
+        """POST /v1/jobs with the given request fields (None values are left out)."""
+        body = {k: v for k, v in request.items() if v is not None}
+        return dict(self._request("POST", "/v1/jobs", json=body).json())
+
+    def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/jobs/{job_id}", params={"wait": wait}).json())
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/jobs").json()["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        poll: float = 5.0,
+    ) -> dict[str, Any]:
+        """Long-poll until the job ends; `progress(job)` is called after every answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, wait=poll)
+            if progress is not None:
+                progress(job)
+            if job["state"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServiceError(f"job {job_id} is still {job['state']} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        """Stream one result file (e.g. archive.zip, grid.png, samples/0/t1ce.nii.gz) to `dest`."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/{name}") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        detail = r.json().get("detail")
+                    except ValueError:
+                        detail = r.reason_phrase
+                    raise ServiceError(f"{r.status_code} {detail}", r.status_code)
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        except httpx.HTTPError as e:
+            raise ServiceError(f"download of {name} failed ({type(e).__name__}: {e})") from None
+        tmp.replace(dest)
+        return dest
+
+    def download_all(self, job_id: str, out_dir: str | Path) -> list[Path]:
+        """Download archive.zip and unpack it into `out_dir`; returns the files."""
+        out_dir = Path(out_dir)
+        archive = self.download(job_id, "archive.zip", out_dir / f"{job_id}.zip")
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+            for name in names:
+                # Refuse members that would land outside out_dir.
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ServiceError(f"archive member {name!r} escapes the output directory")
+            zf.extractall(out_dir)
+        archive.unlink()
+        return [out_dir / n for n in names]
