@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import time
+
+from synthmri.contract import JobSpec, JobState
+from synthmri.jobstore import JobStore, job_key
+
+
+def make_spec(job_id: str = "a" * 16, owner: str = "owner", count: int = 5) -> JobSpec:
+    return JobSpec(
+        id=job_id,
+        owner=owner,
+        model="m",
+        model_sha256="s",
+        channel_set="t1ce",
+        channels=["t1ce"],
+        image_size=32,
+        count=count,
+        seed=1,
+        sampler="ddim",
+        steps=3,
+        formats=["nifti"],
+        batch_size=2,
+        created_at=time.time(),
+        request={"channels": "t1ce", "count": count},
+    )
+
+
+def test_state_machine_is_guarded(store: JobStore) -> None:
+    spec = make_spec()
+    store.create(spec, ttl_seconds=100)
+    rec = store.get(spec.id)
+    assert rec is not None and rec.state == JobState.queued and rec.spec == spec
+    assert store.mark_running(spec.id) and not store.mark_running(spec.id)
+    assert store.finish(spec.id, JobState.succeeded)
+    assert not store.finish(spec.id, JobState.cancelled)  # terminal states are final
+    assert store.state(spec.id) == JobState.succeeded
+    assert 0 < store.r.ttl(job_key(spec.id)) <= 100  # finished records expire
+    stats = store.stats()
+    assert stats["states"]["succeeded"] == 1 and stats["states"]["queued"] == 0
+    assert int(stats["latency"]["count"]) == 1
+
+
+def test_cancel_queued_is_immediate_running_is_a_flag(store: JobStore) -> None:
+    q, r = make_spec("1" * 16), make_spec("2" * 16)
+    store.create(q, 100)
+    store.create(r, 100)
+    store.mark_running(r.id)
+    store.request_cancel(q.id)
+    store.request_cancel(r.id)
+    assert store.state(q.id) == JobState.cancelled
+    assert store.state(r.id) == JobState.running and store.cancel_requested(r.id)
+    assert store.get(r.id).cancel_requested  # type: ignore[union-attr]
+    assert store.cancel_requested("f" * 16)  # a vanished job counts as cancelled
+
+
+def test_progress_ranges_and_finalize_claim(store: JobStore) -> None:
+    spec = make_spec(count=5)
+    store.create(spec, 100)
+    store.set_progress(spec.id, 0, 1.0, 0)
+    store.set_progress(spec.id, 2, 2.0, 2)
+    rec = store.get(spec.id)
+    assert rec is not None and rec.fraction == 3.0 / 5 and rec.samples_done == 2
+    assert [store.mark_range_done(spec.id, s) for s, _ in spec.ranges()] == [1, 2, 3]
+    assert store.mark_range_done(spec.id, 0) == 3  # a redelivered range counts once
+    assert store.claim_finalize(spec.id, 60) and not store.claim_finalize(spec.id, 60)
+    store.release_finalize(spec.id)
+    assert store.claim_finalize(spec.id, 60)
+
+
+def test_owner_listing_and_active_count(store: JobStore) -> None:
+    a1, a2, b1 = make_spec("1" * 16, "A"), make_spec("2" * 16, "A"), make_spec("3" * 16, "B")
+    for s in (a1, a2, b1):
+        store.create(s, 100)
+    store.finish(a1.id, JobState.failed, error="boom")
+    assert [r.spec.id for r in store.list_for_owner("A")] == [a2.id, a1.id]
+    assert store.active_count("A") == 1 and store.active_count("B") == 1 and store.active_count("C") == 0
+    store.r.delete(job_key(a2.id))  # expired record: dropped from the index
+    assert [r.spec.id for r in store.list_for_owner("A")] == [a1.id]
+    assert store.get(a1.id).error == "boom"  # type: ignore[union-attr]
+
+
+def test_worker_heartbeats(store: JobStore) -> None:
+    store.heartbeat("w1@h", {"hostname": "w1@h", "models": ["abc"]}, ttl_seconds=5)
+    assert store.workers() == [{"hostname": "w1@h", "models": ["abc"]}]

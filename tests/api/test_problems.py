@@ -1,0 +1,90 @@
+"""The API's error answers, with a real Redis and no worker (tasks just wait in the queue)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from synthmri.contract import QUEUE
+from synthmri.jobstore import JobStore
+from synthmri.settings import Settings
+from tests.api.conftest import write_model
+
+KEY = "unit-key"
+
+
+@pytest.fixture
+def client(tmp_path: Path, redis_url: str, store: JobStore) -> Iterator[TestClient]:
+    write_model(tmp_path / "models", "tiny", "t1ce+seg")
+    settings = Settings(redis_url=redis_url, models_dir=tmp_path / "models", results_dir=tmp_path / "results",
+                        api_keys=KEY, max_count=8, max_active_jobs_per_key=2)  # type: ignore[arg-type]  # fmt: skip
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as c:
+        yield c
+
+
+def assert_problem(r: object, status: int, needle: str) -> None:
+    assert r.status_code == status, r.text  # type: ignore[attr-defined]
+    assert r.headers["content-type"] == "application/problem+json"  # type: ignore[attr-defined]
+    body = r.json()  # type: ignore[attr-defined]
+    assert set(body) >= {"type", "title", "status", "detail", "instance"} and body["status"] == status
+    assert needle in body["detail"], body["detail"]
+
+
+def test_submit_enqueues_one_task_per_range(client: TestClient, store: JobStore) -> None:
+    r = client.post("/v1/jobs", json={"channels": "t1ce", "count": 5})
+    assert r.status_code == 202
+    job = r.json()
+    assert job["channels"] == ["t1ce"] and job["model"] == "tiny" and 0 <= job["seed"] < 2**63
+    assert store.r.llen(QUEUE) == 1  # 5 samples, task_batch_size 8 → one range
+    spec = store.get(job["id"]).spec  # type: ignore[union-attr]
+    assert spec.request == {"channels": "t1ce", "count": 5, "sampler": "dpm++", "formats": ["nifti", "png"]}
+
+
+def test_error_answers(client: TestClient) -> None:
+    assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 9}), 422, "limit of 8")
+    assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 0}), 422, "count:")
+    assert_problem(client.post("/v1/jobs", json={"channels": "t1+t1ce+t2+flair+seg", "count": 1}), 422,
+                   "no installed model generates")  # fmt: skip
+    assert_problem(client.post("/v1/jobs", json={"model": "tiny", "count": 1, "steps": 2000}), 422, "1000")
+    assert_problem(
+        client.post("/v1/jobs", json={"channels": "t1ce", "count": 1, "x": 1}), 422, "x: unknown field"
+    )
+    assert_problem(
+        client.post("/v1/jobs", content=b"[", headers={"content-type": "application/json"}), 422, "JSON"
+    )
+    assert_problem(client.post("/v1/jobs"), 422, "JSON body")
+    assert_problem(client.get("/v1/jobs/0123456789abcdef"), 404, "no job")
+    assert_problem(client.get("/nowhere"), 404, "/docs")
+    assert_problem(client.patch("/v1/jobs"), 405, "PATCH")
+    assert_problem(client.get("/v1/jobs", headers={"Authorization": ""}), 401, "Authorization: Bearer")
+    assert_problem(client.get("/v1/jobs", headers={"Authorization": "Bearer nope"}), 401, "not recognised")
+
+
+def test_active_limit_and_results_before_success(client: TestClient) -> None:
+    ids = [client.post("/v1/jobs", json={"channels": "t1ce", "count": 1}).json()["id"] for _ in range(2)]
+    r = client.post("/v1/jobs", json={"channels": "t1ce", "count": 1})
+    assert_problem(r, 429, "limit 2")
+    assert r.headers["retry-after"]
+    assert_problem(client.get(f"/v1/jobs/{ids[0]}/archive.zip"), 409, "queued")
+    cancelled = client.delete(f"/v1/jobs/{ids[0]}").json()
+    assert cancelled["state"] == "cancelled"
+    assert client.post("/v1/jobs", json={"channels": "t1ce", "count": 1}).status_code == 202
+
+
+def test_readyz_names_what_is_missing(client: TestClient) -> None:
+    assert_problem(client.get("/readyz"), 503, "no worker")
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert "synthmri_queue_depth" in client.get("/metrics").text
+
+
+def test_index_page_or_a_clear_404(client: TestClient) -> None:
+    r = client.get("/")
+    if (Path(__file__).parents[2] / "api" / "static" / "index.html").exists():
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    else:
+        assert_problem(r, 404, "web page")
+    assert_problem(client.get("/static/does-not-exist.js"), 404, "")
