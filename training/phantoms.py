@@ -55,7 +55,7 @@ class PhantomOptions:
     """Ranges the per-subject parameters are drawn from (mm, radians, fractions)."""
 
     rotation: tuple[float, float, float] = (0.06, 0.06, 0.12)  # max |angle| about x, y, z
-    scale: tuple[float, float] = (0.9, 1.08)
+    scale: tuple[float, float] = (1.03, 1.15)  # >1 shrinks: the MNI brain is larger than average
     translation_mm: float = 5.0
     elastic_mm: float = 2.5  # std of the smooth displacement at the control points
     core_radius_mm: tuple[float, float] = (9.0, 22.0)
@@ -95,11 +95,13 @@ def make_subject(
     index: int,
     shape: tuple[int, int, int] = BRATS_SHAPE,
     options: PhantomOptions | None = None,
+    with_tissue: bool = False,
 ) -> dict[str, np.ndarray]:
     """One phantom subject: t1, t1ce, t2, flair (float32, background 0) and seg (uint8 {0,1,2,4}).
 
     `shape` other than 240×240×155 covers the same field of view with coarser voxels
     (for fast tests); the anatomy and tumour are the same subject at lower resolution.
+    `with_tissue` adds the warped gm/wm/csf fractions (float32) the contrasts came from.
     """
     opt = options or PhantomOptions()
     rng = np.random.default_rng([int(seed), int(index)])
@@ -180,6 +182,8 @@ def make_subject(
         out[name] = vol.reshape(shape)
     seg[~mask] = 0
     out["seg"] = seg
+    if with_tissue:
+        out.update(gm=gm, wm=wm, csf=csf)
     return out
 
 

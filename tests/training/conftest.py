@@ -1,0 +1,57 @@
+"""Phantom-data fixtures shared by the training tests (built once per session).
+
+Most tests use coarse phantoms (4 mm voxels, 60×60×39) so a subject costs well under a
+second; one fixture writes a real 240×240×155 subject through the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_SHAPE = (60, 60, 39)
+TINY_SUBJECTS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_volumes() -> list[dict[str, np.ndarray]]:
+    """Coarse phantom subjects 0..3 of seed 0 (with their tissue fractions)."""
+    from training.phantoms import make_subject
+
+    return [make_subject(0, i, shape=TINY_SHAPE, with_tissue=True) for i in range(TINY_SUBJECTS)]
+
+
+def write_tiny(root: Path, volumes: list[dict[str, np.ndarray]], naming: str) -> Path:
+    from training.phantoms import subject_name, write_subject
+
+    for i, vols in enumerate(volumes):
+        name = subject_name(i, naming)
+        write_subject(root / name, name, vols, naming)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_2020(tmp_path_factory: pytest.TempPathFactory, tiny_volumes: list[dict[str, np.ndarray]]) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("brats2020"), tiny_volumes, "2020")
+
+
+@pytest.fixture(scope="session")
+def tiny_2021(tmp_path_factory: pytest.TempPathFactory, tiny_volumes: list[dict[str, np.ndarray]]) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("brats2021"), tiny_volumes, "2021")
+
+
+@pytest.fixture(scope="session")
+def tiny_2023(tmp_path_factory: pytest.TempPathFactory, tiny_volumes: list[dict[str, np.ndarray]]) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("brats2023"), tiny_volumes, "2023")
+
+
+@pytest.fixture(scope="session")
+def full_size_2020(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real-layout subject (240×240×155, 1 mm) written by `synthmri phantoms`."""
+    from training.phantoms_cli import main
+
+    out = tmp_path_factory.mktemp("full")
+    assert main(["--subjects", "1", "--out", str(out), "--seed", "7"]) == 0
+    return out
