@@ -81,14 +81,17 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def _wait(predicate: Callable[[], object], timeout: float, what: str, driver: Any) -> object:
+    """Poll `predicate`; fail at once when the page shows an error instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        error = driver.find_element("id", "error")
+        if error.is_displayed() and error.text:
+            raise AssertionError(f"the page shows an error while waiting for {what}: {error.text!r}")
         time.sleep(0.25)
-    error = driver.find_element("id", "error").text
-    raise AssertionError(f"timed out waiting for {what}; page error box: {error!r}")
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: Any, tmp_path: Path) -> None:
