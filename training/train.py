@@ -226,9 +226,15 @@ def write_atomic(path: Path, obj: Any) -> None:
 
 
 def train(
-    cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | None = None
+    cfg: TrainConfig,
+    datasets: tuple[Dataset[Any], Dataset[Any], str] | None = None,
+    extra_provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) training as configured; returns a summary for the caller. See module doc."""
+    """Run (or resume) training as configured; returns a summary for the caller. See module doc.
+
+    `datasets` = (train, val, fingerprint) replaces loading `cfg.data`; `extra_provenance`
+    is merged into the checkpoint's provenance (e.g. how the demo's phantoms were made).
+    """
     from model.checkpoint import save_checkpoint
     from model.diffusion import GaussianDiffusion
     from model.unet import UNetModel
@@ -249,7 +255,7 @@ def train(
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     try:
         return _train(cfg, datasets, ddp, rank, world_size, is_master, device,
-                      UNetModel, GaussianDiffusion, save_checkpoint)
+                      UNetModel, GaussianDiffusion, save_checkpoint, extra_provenance or {})
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
@@ -257,7 +263,7 @@ def train(
 
 def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | None, ddp: bool, rank: int,
            world_size: int, is_master: bool, device: torch.device, UNetModel: Any, GaussianDiffusion: Any,
-           save_checkpoint: Callable[..., str]) -> dict[str, Any]:
+           save_checkpoint: Callable[..., str], extra_provenance: dict[str, Any]) -> dict[str, Any]:
     cfg.validate(world_size)
     precision = resolve_precision(cfg.precision, device)
     out = Path(cfg.out or cfg.resume)
@@ -385,6 +391,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
                 "val_loss": val,
                 "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "out", "progress")},
                 "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                **extra_provenance,
             }
             config = CheckpointConfig(
                 name=out.resolve().name, channel_set=cfg.channel_set, model=preset.model,
