@@ -7,7 +7,9 @@ second; one fixture writes a real 240×240×155 subject through the CLI.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -21,6 +23,10 @@ def tiny_volumes() -> list[dict[str, np.ndarray]]:
     from training.phantoms import make_subject
 
     return [make_subject(0, i, shape=TINY_SHAPE, with_tissue=True) for i in range(TINY_SUBJECTS)]
+
+
+def nii(path: Path) -> nib.Nifti1Image:
+    return cast(nib.Nifti1Image, nib.load(path))
 
 
 def write_tiny(root: Path, volumes: list[dict[str, np.ndarray]], naming: str) -> Path:

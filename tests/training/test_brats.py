@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.training.conftest import nii
 from training.brats import DataError, find_subjects, load_png_subject, load_subject, png_subject_id
 
 
@@ -41,7 +42,7 @@ def test_all_three_namings_harmonise_to_one_scheme(
 
 
 def test_2023_file_really_holds_label_3(tiny_2023: Path) -> None:
-    seg = np.asarray(nib.load(tiny_2023 / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz").dataobj)
+    seg = np.asarray(nii(tiny_2023 / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz").dataobj)
     assert 3 in seg and 4 not in seg
 
 
@@ -99,11 +100,12 @@ def test_unreadable_file_names_subject_and_file(tiny_2021: Path, tmp_path: Path)
 def test_unknown_labels_are_reported(tiny_2020: Path, tmp_path: Path) -> None:
     root = _copy(tiny_2020, tmp_path / "d")
     path = root / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz"
-    img = nib.load(path)
+    img = nii(path)
     seg = np.asarray(img.dataobj).copy()
     seg[30, 30, 20] = 3  # label 3 is not in the 2020 scheme
     nib.save(nib.Nifti1Image(seg, img.affine), path)
-    with pytest.raises(DataError, match=r"^BraTS20_Training_001: BraTS20_Training_001_seg.nii.gz has labels \[3\]"):
+    expected = r"^BraTS20_Training_001: BraTS20_Training_001_seg.nii.gz has labels \[3\]"
+    with pytest.raises(DataError, match=expected):
         load_subject(find_subjects(root)[0])
 
 
@@ -162,7 +164,8 @@ def test_png_errors_name_subject_and_file(tmp_path: Path) -> None:
         find_subjects(root)
     Image.fromarray(np.zeros((240, 240), np.uint8)).save(root / "FLAIR" / "s1_2.png")
     subjects = find_subjects(root)
-    with pytest.raises(DataError, match=r"^s1: FLAIR/s1_2.png has shape \(240, 240\), expected \(256, 256\)$"):
+    expected = r"^s1: FLAIR/s1_2.png has shape \(240, 240\), expected \(256, 256\)$"
+    with pytest.raises(DataError, match=expected):
         load_png_subject(subjects[0])
     (root / "FLAIR" / "s1_2.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"^s1: cannot read FLAIR/s1_2.png: "):

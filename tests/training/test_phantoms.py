@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tests.training.conftest import TINY_SHAPE
+from tests.training.conftest import TINY_SHAPE, nii
 from training.anatomy import TEMPLATE_FILES, load_tissue_template, template_dir
 from training.phantoms import make_subject, subject_name, write_phantoms
 
@@ -129,7 +129,7 @@ def test_write_phantoms_layouts(tmp_path: Path) -> None:
         assert folders == [tmp_path / naming / name]
         files = sorted(p.name for p in folders[0].iterdir())
         assert files == sorted(f"{name}{sep}{s}.nii.gz" for s in suffixes)
-        seg = np.asarray(nib.load(folders[0] / f"{name}{sep}seg.nii.gz").dataobj)
+        seg = np.asarray(nii(folders[0] / f"{name}{sep}seg.nii.gz").dataobj)
         et_label = 3 if naming == "2023" else 4
         ref = make_subject(5, 0, shape=shape)["seg"]
         np.testing.assert_array_equal(seg == et_label, ref == 4)
@@ -138,14 +138,14 @@ def test_write_phantoms_layouts(tmp_path: Path) -> None:
 
 def test_cli_writes_a_real_brats_sized_subject(full_size_2020: Path) -> None:
     folder = full_size_2020 / "BraTS20_Training_001"
-    img = nib.load(folder / "BraTS20_Training_001_t1ce.nii.gz")
+    img = nii(folder / "BraTS20_Training_001_t1ce.nii.gz")
     assert img.shape == (240, 240, 155)
     assert img.header.get_zooms() == (1.0, 1.0, 1.0)
     np.testing.assert_array_equal(np.diag(img.affine), [-1, -1, 1, 1])
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
     data = np.asarray(img.dataobj)
     assert data.dtype == np.int16 and data.max() > 100 and data.min() == 0
-    seg = np.asarray(nib.load(folder / "BraTS20_Training_001_seg.nii.gz").dataobj)
+    seg = np.asarray(nii(folder / "BraTS20_Training_001_seg.nii.gz").dataobj)
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 4} and (seg > 0).sum() > 1000
 
 
