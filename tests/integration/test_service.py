@@ -276,9 +276,10 @@ def test_active_job_limit_is_429(api: Api) -> None:
             assert api.wait(j["id"])["state"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_killed_worker_task_is_redelivered(api: Api, stack: Any) -> None:
     """SIGKILL the worker mid-task; a new worker gets the task after the visibility timeout."""
-    job = api.submit(channels="t1ce+seg", count=2, seed=21, sampler="ddim", steps=400)
+    job = api.submit(channels="t1ce+seg", count=2, seed=21, sampler="ddim", steps=60)
     deadline = time.monotonic() + 60
     while api.http.get(f"/v1/jobs/{job['id']}").json()["progress"]["fraction"] <= 0:
         assert time.monotonic() < deadline
@@ -290,7 +291,7 @@ def test_killed_worker_task_is_redelivered(api: Api, stack: Any) -> None:
     done = api.wait(job["id"], timeout=120)
     assert done["state"] == "succeeded", done
     assert time.monotonic() - killed_at < 75
-    fresh = api.run(channels="t1ce+seg", count=2, seed=21, sampler="ddim", steps=400)
+    fresh = api.run(channels="t1ce+seg", count=2, seed=21, sampler="ddim", steps=60)
     a, _ = archive_arrays(api, job["id"])
     b, _ = archive_arrays(api, fresh["id"])
     for i in range(2):
