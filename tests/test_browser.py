@@ -27,6 +27,14 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+DEMO_MODEL = ROOT / "models" / "demo"
+# The docs screenshot shows the real demo model; the default run uses the tiny test model.
+UPDATE_DOCS = os.environ.get("SYNTHMRI_UPDATE_DOCS") == "1" and (DEMO_MODEL / "model.safetensors").is_file()
+FORM = (
+    {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "dpm++", "steps": "20"}
+    if UPDATE_DOCS
+    else {"channels": "t1ce+seg", "count": "3", "seed": "7", "sampler": "ddim", "steps": "3"}
+)
 HOW_TO_ENABLE = (
     "no headless browser: install Debian's Chromium and its driver to run this test "
     "(sudo apt-get install chromium chromium-driver; .ci/run does it)"
@@ -35,7 +43,10 @@ HOW_TO_ENABLE = (
 
 @pytest.fixture
 def stack(tmp_path: Path, tiny_checkpoint_readonly: Path) -> Iterator[LocalStack]:
-    shutil.copytree(tiny_checkpoint_readonly, tmp_path / "models" / "tiny")
+    if UPDATE_DOCS:
+        shutil.copytree(DEMO_MODEL, tmp_path / "models" / "demo", ignore=shutil.ignore_patterns(".gitignore"))
+    else:
+        shutil.copytree(tiny_checkpoint_readonly, tmp_path / "models" / "tiny")
     with LocalStack(
         models_dir=tmp_path / "models",
         results_dir=tmp_path / "results",
@@ -104,17 +115,15 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
 
     by_id("api-key").send_keys(stack.api_key)
     by_id("key-form").submit()
-    _wait(lambda: "t1ce+seg" in [o.get_attribute("value") for o in Select(by_id("channels")).options],
+    _wait(lambda: FORM["channels"] in [o.get_attribute("value") for o in Select(by_id("channels")).options],
           30, "the model list", driver)  # fmt: skip
     assert driver.execute_script("return localStorage.getItem('synthmri.apiKey')") == stack.api_key
 
-    Select(by_id("channels")).select_by_value("t1ce+seg")
-    for name, value in (("count", "3"), ("seed", "7"), ("steps", "3")):
+    Select(by_id("channels")).select_by_value(FORM["channels"])
+    Select(by_id("sampler")).select_by_value(FORM["sampler"])  # resets steps to the sampler's default
+    for name in ("count", "seed", "steps"):
         by_id(name).clear()
-        by_id(name).send_keys(value)
-    Select(by_id("sampler")).select_by_value("ddim")
-    by_id("steps").clear()
-    by_id("steps").send_keys("3")  # changing the sampler resets steps to its default
+        by_id(name).send_keys(FORM[name])
     by_id("submit").click()
 
     _wait(lambda: by_id("result-card").is_displayed(), 180, "the result", driver)
@@ -126,12 +135,15 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
 
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
-    assert (job["count"], job["seed"], job["sampler"], job["steps"]) == (3, 7, "ddim", 3)
+    sent = (int(FORM["count"]), int(FORM["seed"]), FORM["sampler"], int(FORM["steps"]))
+    assert (job["count"], job["seed"], job["sampler"], job["steps"]) == sent
+    assert "+".join(job["channels"]) == FORM["channels"]
     grid_png = httpx.get(f"{stack.url}/v1/jobs/{job_id}/grid.png", headers=headers, timeout=30).content
     grid = Image.open(io.BytesIO(grid_png))
     assert natural[0] and natural[1] > 0
     assert (natural[1], natural[2]) == grid.size, "the page shows an image that is not the job's grid"
-    assert grid.size[1] > grid.size[0], "3 samples × 2 channels: the grid should be taller than wide"
+    rows, columns = job["count"], len(job["channels"])
+    assert (grid.size[0] > grid.size[1]) == (columns > rows), f"{rows}×{columns} grid of size {grid.size}"
     assert len(driver.find_elements("css selector", "#sample-links tr")) == 3
 
     # Nothing the page loads may come from another origin (no CDN).
@@ -142,6 +154,7 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
 
     shot = tmp_path / "web-ui.png"
     driver.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.6)  # let the progress bar's CSS transition finish
     assert driver.save_screenshot(str(shot))
     screenshot = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert screenshot.shape[1] >= 1000 and screenshot.max() - screenshot.min() > 100

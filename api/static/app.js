@@ -96,7 +96,7 @@ async function loadModels() {
     for (const cs of sets) {
       const opt = document.createElement("option");
       opt.value = cs;
-      opt.textContent = `${cs}  (${cs.split("+").length} channel${cs.includes("+") ? "s" : ""})`;
+      opt.textContent = cs;
       select.appendChild(opt);
     }
     if (!sets.length) select.innerHTML = '<option value="">no models installed</option>';
@@ -134,7 +134,8 @@ function progressOf(job) {
 }
 
 function renderProgress(job) {
-  const { fraction, text } = progressOf(job);
+  const { fraction: reported, text } = progressOf(job);
+  const fraction = job.state === "succeeded" ? 1 : reported;
   const pct = Math.max(0, Math.min(100, Math.round(fraction * 100)));
   $("progress-bar").style.width = `${pct}%`;
   $("progress-bar").parentElement.setAttribute("aria-valuenow", String(pct));
