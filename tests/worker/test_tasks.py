@@ -24,7 +24,7 @@ def setup(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[JobStore, Set
     tiny_checkpoint.rename(models / "tiny")
     with RedisServer(tmp_path / "redis") as server:
         settings = Settings(redis_url=server.url, models_dir=models, results_dir=tmp_path / "results",
-                            device="cpu", progress_interval_seconds=0.05)  # type: ignore[arg-type]  # fmt: skip
+                            device="cpu", progress_interval_seconds=0.05)  # fmt: skip
         store = JobStore(redis.Redis.from_url(server.url, decode_responses=True))
         spec = JobSpec(id="ab" * 8, owner="o", model="tiny", model_sha256=read_model(models / "tiny").sha256,
                        channel_set="t1ce+seg", channels=["t1ce", "seg"], image_size=32, count=3, seed=4,
