@@ -30,6 +30,8 @@ COPY model/ model/
 COPY training/ training/
 COPY worker/ worker/
 COPY api/ api/
+# The shipped demo model: Docker fills a new, empty `models` volume from here.
+COPY --chown=synthmri models/ /models/
 # --no-deps: the torch-free requirements above are all the API needs; pyproject.toml
 # also lists torch for the worker, which must not land in this image.
 RUN pip install --no-deps . \
@@ -72,6 +74,7 @@ COPY model/ model/
 COPY training/ training/
 COPY worker/ worker/
 COPY api/ api/
+COPY --chown=synthmri models/ /models/
 RUN pip install -c constraints.txt . \
     && python -c "import torch; assert torch.version.cuda, 'expected a CUDA build of torch'"
 COPY docker/worker-entrypoint.sh /usr/local/bin/worker-entrypoint

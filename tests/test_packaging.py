@@ -9,6 +9,7 @@ reservation for the worker.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import re
 import shlex
 import subprocess
@@ -81,7 +82,11 @@ def test_dockerfile_has_api_worker_and_train_targets(stages: dict[str, Stage]) -
 
 
 def test_every_copy_source_exists(stages: dict[str, Stage]) -> None:
-    ignored = (ROOT / ".dockerignore").read_text().split()
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "!"))
+    ]
     checked = 0
     for stage in stages.values():
         for rest in stage.args("COPY"):
@@ -92,7 +97,9 @@ def test_every_copy_source_exists(stages: dict[str, Stage]) -> None:
             for src in sources:
                 path = ROOT / src
                 assert path.exists(), f"stage {stage.name!r}: COPY source {src!r} is not in the repo"
-                assert src.rstrip("/") not in ignored, f"COPY source {src!r} is excluded by .dockerignore"
+                name = src.rstrip("/")
+                excluded = [p for p in ignored if fnmatch.fnmatch(name, p) or name.startswith(p + "/")]
+                assert not excluded, f"COPY source {src!r} is excluded by .dockerignore {excluded}"
                 checked += 1
     assert checked >= 10
 
@@ -274,3 +281,35 @@ def test_web_page_is_self_contained_and_knows_the_channel_sets() -> None:
         assert (static / asset).is_file(), f"index.html refers to a missing /static/{asset}"
     js_sets = re.search(r"const CHANNEL_SETS = \[([^\]]*)\]", (static / "app.js").read_text())
     assert js_sets and re.findall(r"\"([^\"]+)\"", js_sets.group(1)) == list(CHANNEL_SETS)
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    """The README's configuration table has one row per Settings field, with the real default."""
+    from synthmri.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `(SYNTHMRI_\w+)` \| (.*?) \| .+ \|$", readme, flags=re.M)
+    }
+    fields = Settings.model_fields
+    for name, info in fields.items():
+        env = f"SYNTHMRI_{name.upper()}"
+        assert env in rows, f"README.md's configuration table has no row for {env}"
+        default = info.default
+        shown = "*(empty)*" if default in ("", frozenset()) else f"`{default}`"
+        assert rows[env] == shown, f"README.md shows {env} default {rows[env]}, settings.py has {shown}"
+    unknown = set(rows) - {f"SYNTHMRI_{n.upper()}" for n in fields}
+    assert not unknown, f"README.md documents settings that do not exist: {sorted(unknown)}"
+
+
+def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["./quickstart up", "./quickstart test"]
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert ci[-1] == "./quickstart test", ".ci/run must end by running command 2 exactly"
+    for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
+        assert (ROOT / picture).is_file(), f"README.md shows {picture}, which is not in the repo"
