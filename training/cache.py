@@ -59,6 +59,7 @@ class SliceCache:
 
     folder: Path
     index: dict[str, Any]
+    reused: bool = False  # True when an existing entry was found instead of built
 
     @property
     def array_path(self) -> Path:
@@ -116,6 +117,7 @@ def build_cache(
     """Preprocess every subject into a new entry (streamed to disk), or reuse a complete one."""
     existing = load_cache(cache_dir, fingerprint)
     if existing is not None:
+        existing.reused = True
         return existing
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / fingerprint[:16]
