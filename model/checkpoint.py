@@ -7,10 +7,11 @@ failure to load is a `CheckpointError` whose message is one line a person can ac
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +33,30 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint ready to sample: the network in eval mode on its device."""
+    """A checkpoint ready to sample: the float32 network in eval mode on its device."""
 
     model: torch.nn.Module
     diffusion: GaussianDiffusion
     config: CheckpointConfig
     sha256: str
     path: Path
+    _prepared: dict[tuple[str, str], Callable[..., Any]] = field(default_factory=dict, repr=False)
+
+    def model_fn(self, device: str | torch.device, precision: str = "auto") -> Callable[..., Any]:
+        """The optimised `model_fn(x_t, t)` for (device, precision), prepared once and cached.
+
+        `prepare_for_inference` converts a network in place (dtype, layout), so each
+        (device, precision) gets its own copy and `self.model` stays the float32 network.
+        """
+        import torch
+
+        from model.inference import prepare_for_inference
+
+        key = (str(torch.device(device)), precision)
+        if key not in self._prepared:
+            net = copy.deepcopy(self.model)
+            self._prepared[key] = prepare_for_inference(net, torch.device(device), precision=precision)
+        return self._prepared[key]
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -63,14 +63,13 @@ def generate(
     Progress is reported as (steps done, total steps) summed over all batches;
     `should_stop` is passed to the sampler, which raises `SamplingCancelled`.
     """
-    from model.inference import prepare_for_inference
     from model.samplers import SAMPLERS
 
     n_steps = resolve_steps(sampler, steps)
     groups = batches(indices, batch_size)
     cfg = ckpt.config
     shape = (len(cfg.channels), cfg.image_size, cfg.image_size)
-    model_fn = prepare_for_inference(ckpt.model, torch.device(device), precision=precision)
+    model_fn = ckpt.model_fn(device, precision)
     sample_fn = SAMPLERS[sampler]
 
     total = n_steps * len(groups)

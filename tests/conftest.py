@@ -61,3 +61,20 @@ def tiny_checkpoint(_tiny_checkpoint_master: Path, tmp_path: Path) -> Iterator[P
 def tiny_checkpoint_readonly(_tiny_checkpoint_master: Path) -> Path:
     """The shared session copy of the tiny checkpoint, for tests that only read it."""
     return _tiny_checkpoint_master
+
+
+@pytest.fixture
+def torch_single_thread() -> Iterator[None]:
+    """Run a test on one intra-op thread (restored afterwards).
+
+    On the shared 2-core CI box, small-model tests run ~10× faster single-threaded than
+    with two threads fighting other processes for the cores.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
