@@ -1,0 +1,157 @@
+"""The optimised model function that samplers call: `prepare_for_inference(model, device)`.
+
+What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md):
+- weights of the convolutional body are converted to bf16 once (not autocast, which
+  re-casts all weights on every call); the timestep MLP, its per-block projections, the
+  norms and the output head stay float32 — they are a tiny share of the work and keep
+  the output closest to the float32 net;
+- channels_last activations, the layout oneDNN/cuDNN convolutions run natively;
+- inference_mode, eval mode (dropout off);
+- a fixed micro-batch: the network always sees batches of exactly `micro_batch` rows
+  (the last chunk padded), so every sample goes through kernels of the same shape
+  whatever the request's batch size. This is what makes the optimised path
+  batch-invariant: a sample's output does not depend on how many neighbours it has.
+- optional `torch.compile` (inductor, weight freezing); off by default because the
+  compile takes minutes for the research-size nets and buys little on CPU, where the
+  convolutions already dominate.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from model.unet import NormAct, ResBlock, UNetModel
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16).
+
+    Without them oneDNN emulates bf16 through float32 and the reduced precision buys
+    nothing, so "auto" stays float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(device: torch.device | str, precision: str = "auto") -> torch.dtype:
+    """The compute dtype for the network body on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    if precision != "auto":
+        dtype = _DTYPES[precision]
+        if dev.type == "cpu" and dtype == torch.float16:
+            raise ValueError("fp16 is not supported on CPU (no fast kernels); use bf16 or fp32")
+        return dtype
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _keep_float32(model: nn.Module) -> list[nn.Module]:
+    """The small, precision-sensitive parts that stay float32 in a reduced-precision body."""
+    keep: list[nn.Module] = []
+    for mod in model.modules():
+        if isinstance(mod, NormAct):
+            keep.append(mod.norm)
+        elif isinstance(mod, ResBlock):
+            keep.append(mod.emb_proj)
+    if isinstance(model, UNetModel):
+        keep += [model.time_embed, model.out_norm, model.out_conv]
+    return keep
+
+
+def default_micro_batch(device: torch.device | str) -> int:
+    """The fixed network batch: 4 on CPU (throughput flat from 2 up, memory low), 32 on CUDA."""
+    return 32 if torch.device(device).type == "cuda" else 4
+
+
+class InferenceModel:
+    """`model_fn(x_t, t) -> output` over a prepared network; float32 in, float32 out."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        micro_batch: int | None,
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.net = net
+        self.device = device
+        self.dtype = dtype
+        self.micro_batch = micro_batch
+        self._forward = forward
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"expected x (N, C, H, W) and t (N,), got {tuple(x.shape)} and {tuple(t.shape)}")
+        n = x.shape[0]
+        k = self.micro_batch or n
+        outs = []
+        with torch.inference_mode():
+            xd = x.to(self.device, torch.float32)
+            td = t.to(self.device)
+            for start in range(0, n, k):
+                xc, tc = xd[start : start + k], td[start : start + k]
+                rows = xc.shape[0]
+                if self.micro_batch and rows < k:
+                    # Pad with copies of the last row: same shapes → same kernels → batch-invariant.
+                    xc = torch.cat([xc, xc[-1:].expand(k - rows, *xc.shape[1:])])
+                    tc = torch.cat([tc, tc[-1:].expand(k - rows)])
+                xc = xc.contiguous(memory_format=torch.channels_last)
+                outs.append(self._forward(xc, tc)[:rows].float())
+            out = torch.cat(outs).contiguous()
+        return out
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+    *,
+    precision: str = "auto",
+    compile: bool = False,
+    micro_batch: int | None = None,
+) -> InferenceModel:
+    """Convert `model` IN PLACE for fast sampling and return the model function.
+
+    Pass a copy if the float32 module is still needed (the benchmark does). `micro_batch`
+    fixes the network batch (see the module docstring); 0 runs whole batches unpadded,
+    which is faster for a single sample but no longer batch-invariant.
+    """
+    dev = torch.device(device)
+    dtype = resolve_precision(dev, precision)
+    k = default_micro_batch(dev) if micro_batch is None else micro_batch
+    if k < 0:
+        raise ValueError(f"micro_batch must be ≥ 0, got {k}")
+    model.eval().requires_grad_(False)
+    model.to(dev, dtype)
+    for part in _keep_float32(model):
+        part.float()
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model
+    if compile:
+        # freezing folds the weights into the graph and lets inductor pre-pack them for oneDNN.
+        forward = torch.compile(model, dynamic=False, options={"freezing": True})
+    return InferenceModel(model, dev, dtype, k or None, forward)
