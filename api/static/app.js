@@ -4,7 +4,8 @@
 "use strict";
 
 const KEY_STORAGE = "synthmri.apiKey";
-const POLL_WAIT_S = 5;
+// The API's long poll answers on a state change; progress within `running` shows at this pace.
+const POLL_WAIT_S = 2;
 // The samplers' usual step counts (model/samplers.py DEFAULT_STEPS), applied when the sampler changes.
 const DEFAULT_STEPS = { ddpm: 1000, ddim: 50, "dpm++": 20 };
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "canceled", "done", "error"]);
