@@ -37,8 +37,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import synthmri
+from model.checkpoint import save_checkpoint
 from model.config import CheckpointConfig, ConfigError, Normalisation
+from model.diffusion import GaussianDiffusion
 from model.seeding import sample_seed
+from model.unet import UNetModel
 from synthmri.cli import CliError, make_parser
 from training.config import TrainConfig, add_config_arguments, config_from_args, from_dict
 from training.ema import EMA
@@ -235,10 +238,6 @@ def train(
     `datasets` = (train, val, fingerprint) replaces loading `cfg.data`; `extra_provenance`
     is merged into the checkpoint's provenance (e.g. how the demo's phantoms were made).
     """
-    from model.checkpoint import save_checkpoint
-    from model.diffusion import GaussianDiffusion
-    from model.unet import UNetModel
-
     # -- torchrun environment → one is_master flag → device ------------------
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0")) if ddp else 0
@@ -254,21 +253,20 @@ def train(
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     try:
-        return _train(cfg, datasets, ddp, rank, world_size, is_master, device,
-                      UNetModel, GaussianDiffusion, save_checkpoint, extra_provenance or {})
+        return _train(cfg, datasets, ddp, rank, world_size, is_master, device, extra_provenance or {})
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | None, ddp: bool, rank: int,
-           world_size: int, is_master: bool, device: torch.device, UNetModel: Any, GaussianDiffusion: Any,
-           save_checkpoint: Callable[..., str], extra_provenance: dict[str, Any]) -> dict[str, Any]:
+           world_size: int, is_master: bool, device: torch.device,
+           extra_provenance: dict[str, Any]) -> dict[str, Any]:
     cfg.validate(world_size)
     precision = resolve_precision(cfg.precision, device)
-    out = Path(cfg.out or cfg.resume)
-    if not str(out):
+    if not (cfg.out or cfg.resume):
         raise ConfigError("--out is required")
+    out = Path(cfg.out or cfg.resume)
     preset = cfg.model_preset
     per_rank = cfg.global_batch // world_size
     micro = min(cfg.micro_batch, per_rank)
