@@ -37,8 +37,8 @@ NCR, ED, ET = 1, 2, 4
 # gadolinium in the enhancing rim; T2: fluid bright; FLAIR: free fluid suppressed while
 # oedema (bound water) stays bright.
 CONTRAST: dict[str, dict[str, float]] = {
-    "t1": {"gm": 0.70, "wm": 1.00, "csf": 0.28, "ncr": 0.30, "et": 0.62, "ed": 0.68},
-    "t1ce": {"gm": 0.72, "wm": 1.00, "csf": 0.30, "ncr": 0.28, "et": 1.65, "ed": 0.66},
+    "t1": {"gm": 0.70, "wm": 1.00, "csf": 0.28, "ncr": 0.30, "et": 0.62, "ed": 0.78},
+    "t1ce": {"gm": 0.72, "wm": 1.00, "csf": 0.30, "ncr": 0.28, "et": 1.50, "ed": 0.76},
     "t2": {"gm": 0.62, "wm": 0.42, "csf": 1.00, "ncr": 1.05, "et": 0.65, "ed": 0.88},
     "flair": {"gm": 0.80, "wm": 0.62, "csf": 0.10, "ncr": 0.42, "et": 0.88, "ed": 1.20},
 }
@@ -252,11 +252,16 @@ def _tumour(
     d = voxel_grid_mm(shape, box) - torch.tensor(centre, dtype=torch.float32)
     r = torch.sqrt((d * d).sum(-1)).numpy()
     cells = tuple(max(2, int(n * v / 9.0)) for n, v in zip(box_shape, voxel_mm, strict=True))
-    n1, n2, n3 = _smooth_noise(gen, 3, box_shape, cells).numpy()
+    # Cubic-spline upsampling: trilinear noise has creases that would show up as straight
+    # edges on the tumour outline.
+    coarse = torch.randn((3, *cells), generator=gen, dtype=torch.float32).numpy()
+    factors = [b / c for b, c in zip(box_shape, cells, strict=True)]
+    n1, n2, n3 = (ndimage.zoom(c, factors, order=3, mode="nearest") for c in coarse)
     wm_b, csf_b, mask_b = wm[box], csf[box], mask[box]
     core = (r / r_core + 0.28 * n1 < 1.0) & mask_b
     necrosis = (r / r_necrosis + 0.3 * n2 < 1.0) & core
-    oedema = (r / r_oedema + 0.3 * n3 - 0.45 * (wm_b - 0.5) < 1.0) & mask_b & (csf_b < 0.5) & ~core
+    # tanh bounds the perturbation, so oedema stays within 1.53·r_oedema, inside the box.
+    oedema = (r / r_oedema + 0.3 * np.tanh(n3) - 0.45 * (wm_b - 0.5) < 1.0) & mask_b & (csf_b < 0.5) & ~core
     sub = np.zeros(box_shape, dtype=np.uint8)
     sub[oedema] = ED
     sub[core] = ET
