@@ -15,6 +15,8 @@ from model.diffusion import (
     space_timesteps,
 )
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _t(values: list[int] | int, n: int | None = None) -> torch.Tensor:
     if isinstance(values, int):

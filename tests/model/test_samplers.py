@@ -19,6 +19,9 @@ from model import samplers as S
 from model.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from model.seeding import PerSampleNoise
 
+# Tiny tensors: intra-op threads only add sync overhead (40× slower on a busy 2-core box).
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 N_SAMPLES = 4000
 # Three channels × 2 pixels, each pixel an independent two-component mixture (weights, means, stds):
 #   0: Gaussian N(0.1, 0.3²) (two identical components)
@@ -37,15 +40,6 @@ TARGET_STD = ((WEIGHTS * (STDS**2 + MEANS**2)).sum(-1) - TARGET_MEAN**2).sqrt()
 # test_ddim_is_the_exact_affine_map_for_gaussian_data), so 12 %.
 MEAN_TOL = 0.03
 STD_TOL = {"ddpm": 0.05, "ddim": 0.12, "dpm++": 0.05}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Intra-op threads only add sync overhead on these tiny tensors (40× slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _diffusion(learn_sigma: bool = True) -> GaussianDiffusion:
