@@ -203,13 +203,6 @@ class GaussianDiffusion:
         )
 
     # ------------------------------------------------------------------ q
-    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape, x_start.dtype) * x_start
-        var = _extract(1.0 - self.alphas_cumprod, t, x_start.shape, x_start.dtype)
-        logvar = _extract(torch.log(1.0 - self.alphas_cumprod), t, x_start.shape, x_start.dtype)
-        return mean, var.expand_as(x_start), logvar.expand_as(x_start)
-
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ho et al. eq. 4)."""
         if noise is None:
