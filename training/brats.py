@@ -123,6 +123,10 @@ def find_subjects(root: str | Path, require_seg: bool = True) -> list[Subject]:
     seen: dict[str, Path] = {}
     for (folder, sid), files in sorted(found.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
         naming = namings[(folder, sid)]
+        if "seg" not in files:
+            stray = _stray_seg(folder, set(files.values()))
+            if stray is not None:
+                files["seg"] = stray
         needed = ALL_MODALITIES if require_seg else IMAGE_MODALITIES
         for modality in needed:
             if modality not in files:
@@ -133,6 +137,19 @@ def find_subjects(root: str | Path, require_seg: bool = True) -> list[Subject]:
         seen[sid] = folder
         subjects.append(Subject(sid, naming, {m: files[m] for m in ALL_MODALITIES if m in files}))
     return subjects
+
+
+def _stray_seg(folder: Path, used: set[Path]) -> Path | None:
+    """The one other NIfTI with "seg" in its name, if any.
+
+    BraTS 2020 training subject 355 ships its mask as `W39_1998.09.19_Segm.nii`.
+    """
+    candidates = [
+        p
+        for p in folder.iterdir()
+        if p not in used and "seg" in p.name.lower() and p.name.lower().endswith((".nii", ".nii.gz"))
+    ]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def load_subject(subject: Subject) -> dict[str, np.ndarray]:

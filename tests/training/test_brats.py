@@ -67,6 +67,15 @@ def test_validation_subjects_without_seg(tiny_2020: Path, tmp_path: Path) -> Non
     assert set(load_subject(subject)) == {"t1", "t1ce", "t2", "flair"}
 
 
+def test_brats2020_subject_355_misnamed_seg_is_found(tiny_2020: Path, tmp_path: Path) -> None:
+    root = _copy(tiny_2020, tmp_path / "d")
+    folder = root / "BraTS20_Training_002"
+    (folder / "BraTS20_Training_002_seg.nii.gz").rename(folder / "W39_1998.09.19_Segm.nii.gz")
+    subject = find_subjects(root)[1]
+    assert subject.files["seg"].name == "W39_1998.09.19_Segm.nii.gz"
+    assert (load_subject(subject)["seg"] > 0).any()
+
+
 def test_missing_modality_names_subject_and_file(tiny_2023: Path, tmp_path: Path) -> None:
     root = _copy(tiny_2023, tmp_path / "d")
     (root / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t2f.nii.gz").unlink()
