@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Under `python -m` this file runs as __main__; sub-commands import synthmri.cli, so
+    # dispatch through that module to share one CliError class.
+    from synthmri.cli import main as _main
+
+    raise SystemExit(_main())
