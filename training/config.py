@@ -57,6 +57,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     mode: Literal["percentile", "research"] = "percentile"
     tumour_fraction: float = -1.0  # fraction of tumour-containing slices; < 0 = natural
+    hflip: bool = False  # random left-right flips of training slices
     cache_dir: str = ""  # slice cache; "" = <data>/.synthmri-cache
     num_workers: int = 0  # DataLoader worker processes per rank
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -119,9 +120,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "base-64": dict(global_batch=32, micro_batch=16, lr=1e-4, steps=50_000, ckpt_every=2500),
     # The shipped CPU demo: a fast-decaying EMA and a high LR because it gets only
     # minutes of 2-core CPU time; cosine decay sharpens the last few hundred steps.
-    "demo": dict(global_batch=16, micro_batch=16, lr=1e-3, warmup=50, lr_schedule="cosine", min_lr=5e-5,
+    # Batch 8 rather than 16: at a fixed CPU budget, twice the updates learn the anatomy sooner.
+    "demo": dict(global_batch=8, micro_batch=8, lr=6e-4, warmup=50, lr_schedule="cosine", min_lr=5e-5,
                  ema_decay=0.995, steps=3000, ckpt_every=250, sample_every=500, log_every=25,
-                 tumour_fraction=0.5),
+                 tumour_fraction=0.5, hflip=True),
     "tiny": dict(global_batch=8, micro_batch=8, lr=1e-3, steps=20, ckpt_every=10, log_every=1,
                  ema_decay=0.9, sample_count=2, sample_steps=5),
 }

@@ -95,7 +95,7 @@ def build_demo(out: str, *, minutes: float, subjects: int, seed: int, steps: int
             print(f"writing {subjects} phantom subjects to {data_dir}", file=sys.stderr)
             write_phantoms(data_dir, subjects, seed, progress=progress)
         recipe = preset_config("demo", channels=DEMO_CHANNELS, data=str(data_dir),
-                               cache_dir=str(work_dir / "cache"), seed=seed)
+                               cache_dir=str(work_dir / "cache"), seed=seed, progress=progress)
         datasets = load_datasets(recipe, is_master=True, ddp=False)
         calibration = None
         if not steps:
@@ -107,7 +107,7 @@ def build_demo(out: str, *, minutes: float, subjects: int, seed: int, steps: int
             "demo", channels=DEMO_CHANNELS, data=str(data_dir), out=str(out), steps=steps,
             cache_dir=str(work_dir / "cache"), max_minutes=max(0.5, remaining_min), seed=seed,
             warmup=min(recipe.warmup, max(1, steps // 10)), ckpt_every=max(1, min(recipe.ckpt_every, steps)),
-            sample_every=0, progress=progress,
+            sample_every=max(1, steps // 4), progress=progress,
         )
         provenance = {"demo": {"phantom_subjects": subjects if not data else None, "phantom_seed": seed,
                                "data": "phantoms" if not data else str(data), "budget_minutes": minutes,

@@ -208,6 +208,7 @@ def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset
             cfg.data, cfg.channel_set, cfg.image_size, mode=cfg.mode, val_fraction=cfg.val_fraction,
             seed=cfg.seed, cache_dir=cfg.cache_dir or None,
             tumour_fraction=cfg.tumour_fraction if cfg.tumour_fraction >= 0 else None,
+            hflip=cfg.hflip, progress=is_master and cfg.progress,
         )
 
     # The master fills the slice cache first so the ranks never race on writing it.
@@ -365,7 +366,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             dist.all_reduce(total)
         return float(total[0] / total[1])
 
-    def checkpoint(step: int, last_loss: float | None, elapsed: float) -> str | None:
+    def checkpoint(step: int, last_loss: float | None, elapsed: float, final: bool) -> str | None:
         """Registry checkpoint (EMA) + train_state.pt + loss curve; sample grid when due."""
         rngs = [rng_state()]
         if ddp:
@@ -411,7 +412,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
 
             write_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                              title=f"{out.name}: {preset.name}")
-            due = step >= cfg.steps or (cfg.sample_every > 0 and step % cfg.sample_every == 0)
+            due = final or (cfg.sample_every > 0 and step % cfg.sample_every == 0)
             if due and cfg.sample_count > 0:
                 from training.plots import write_sample_grid
 
@@ -480,7 +481,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             sums.zero_()
             steps_in_log, t_log = 0, now
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-            sha = checkpoint(step, last_loss, time.perf_counter() - t_start)
+            final = stopping or step == cfg.steps
+            sha = checkpoint(step, last_loss, time.perf_counter() - t_start, final=final)
         if stopping:
             if is_master:
                 why = f"time budget of {cfg.max_minutes} min used" if out_of_time else "--stop-at"
