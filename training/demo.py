@@ -4,10 +4,10 @@
 
 Writes phantom subjects (training.phantoms), builds the 64² five-channel slice set
 (t1+t1ce+t2+flair+seg) and trains the `demo` preset. The whole command, phantoms and
-the final sample grid included, stays within `--minutes`: a short calibration times
-a few training steps on this machine, sets `steps` so that the cosine LR schedule
-ends inside the budget (a schedule cut off half-way leaves a noisier model), and the
-loop's `max_minutes` stop is the safety net if the machine slows down.
+the final sample grid included, stays within `--minutes`: the loop's `max_minutes`
+stop ends training when the budget left after phantoms and preprocessing is used (the
+demo recipe's LR is constant, so stopping early costs no schedule). A short
+calibration of a few steps only sizes the progress bar.
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def build_demo(out: str, *, minutes: float, subjects: int, seed: int, steps: int
         if not steps:
             calibration = seconds_per_step(recipe.global_batch)
             left = budget_s - (time.perf_counter() - t_start) - RESERVE_S
-            steps = max(50, int(0.92 * left / calibration))
+            # Headroom: the CPU is often shared, so the wall-time stop (not `steps`) normally ends
+            # the run; with the preset's constant LR that costs nothing.
+            steps = max(50, int(2.0 * left / calibration))
         remaining_min = (budget_s - (time.perf_counter() - t_start) - RESERVE_S) / 60
         cfg = preset_config(
             "demo", channels=DEMO_CHANNELS, data=str(data_dir), out=str(out), steps=steps,
