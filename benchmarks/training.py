@@ -6,7 +6,8 @@ Model: the issue's 2-channel config of openai/improved-diffusion (128 base chann
 3 res blocks, attention at 16 and 8 px, 4 heads; 121 M parameters at 64²), hybrid
 loss, learned σ, T = 1000. One "step" is what training/train.py does per optimiser
 step: micro-batched forward + backward (accumulate_gradients), grad clipping, AdamW,
-EMA update. Each (variant, size) runs in its own subprocess so its peak RSS is its own.
+EMA update. The variants' steps are timed interleaved in one process (a load change on
+the shared CPU hits both alike); peak memory is measured in a fresh process per variant.
 
 The reference numbers (openai/improved-diffusion on the issue author's 2-core CPU):
 0.67 images/s at 64², batch 4, and 0.20 at 128². The CPU here is shared with other
@@ -49,82 +50,102 @@ def model_config(size: int) -> Any:
                        num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4)
 
 
-def measure(
-    variant: Variant, size: int, global_batch: int, micro_batch: int, steps: int, warmup: int
-) -> dict[str, Any]:
-    """Time `steps` optimiser steps after `warmup` ones; runs inside a fresh subprocess."""
-    import contextlib
+class Trainer:
+    """One variant's model, optimiser and EMA; `step(k)` is one optimiser step of train.py."""
 
+    def __init__(self, variant: Variant, size: int, global_batch: int, micro_batch: int) -> None:
+        import torch
+
+        from model.config import DiffusionConfig
+        from model.diffusion import GaussianDiffusion
+        from model.unet import UNetModel
+        from training.ema import EMA
+
+        torch.manual_seed(0)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+        model = UNetModel(model_config(size)).to(self.device)
+        self.model = model.to(memory_format=self.fmt)  # type: ignore[call-overload]
+        self.diffusion = GaussianDiffusion.from_config(DiffusionConfig(loss="hybrid", learn_sigma=True))
+        self.ema = EMA(self.model, 0.9999)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=variant.fused_adam,
+                                     foreach=None if variant.fused_adam else True)
+        self.net = torch.compile(self.model) if variant.compile else self.model
+        self.dtype = torch.bfloat16 if variant.precision == "bf16" else None
+        self.size, self.global_batch, self.micro_batch = size, global_batch, micro_batch
+        self.x_start = torch.rand(global_batch, 2, size, size, device=self.device) * 2 - 1
+
+    def step(self, k: int) -> float:
+        import contextlib
+
+        import torch
+
+        from training.train import accumulate_gradients, draw_t_noise
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.net(x.contiguous(memory_format=self.fmt), t)
+            return out.float()
+
+        def autocast() -> contextlib.AbstractContextManager[Any]:
+            if self.dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(self.device.type, dtype=self.dtype)
+
+        t0 = time.perf_counter()
+        gb, shape = self.global_batch, (2, self.size, self.size)
+        t, noise = draw_t_noise(range(k * gb, (k + 1) * gb), shape, 1000, 0)
+        accumulate_gradients(model_fn, self.diffusion, self.x_start, t.to(self.device), noise.to(self.device),
+                             self.micro_batch, autocast=autocast)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def time_interleaved(variants: list[Variant], size: int, batch: int, steps: int, warmup: int) -> list[float]:
+    """Best images/s of each variant, their steps alternating so load changes hit all alike."""
+    trainers = [Trainer(v, size, batch, batch) for v in variants]
+    for k in range(warmup):
+        for tr in trainers:
+            tr.step(k)
+    best = [float("inf")] * len(trainers)
+    for k in range(warmup, warmup + steps):
+        for i, tr in enumerate(trainers):
+            best[i] = min(best[i], tr.step(k))
+    return [batch / b for b in best]
+
+
+def peak_memory(variant: Variant, size: int, global_batch: int, micro_batch: int) -> dict[str, Any]:
+    """Peak memory over one warm-up and one timed optimiser step (own process: its own peak)."""
     import torch
 
-    from model.config import DiffusionConfig
-    from model.diffusion import GaussianDiffusion
-    from model.unet import UNetModel
-    from training.ema import EMA
-    from training.train import accumulate_gradients, draw_t_noise
-
-    torch.manual_seed(0)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
-    model = UNetModel(model_config(size)).to(device).to(memory_format=fmt)  # type: ignore[call-overload]
-    diffusion = GaussianDiffusion.from_config(DiffusionConfig(loss="hybrid", learn_sigma=True))
-    ema = EMA(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant.fused_adam,
-                            foreach=None if variant.fused_adam else True)
-    net = torch.compile(model) if variant.compile else model
-    dtype = torch.bfloat16 if variant.precision == "bf16" else None
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x.contiguous(memory_format=fmt), t).float()
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-    x_start = torch.rand(global_batch, 2, size, size, device=device) * 2 - 1
-
-    def step(k: int) -> None:
-        t, noise = draw_t_noise(range(k * global_batch, (k + 1) * global_batch), (2, size, size), 1000, 0)
-        accumulate_gradients(model_fn, diffusion, x_start, t.to(device), noise.to(device), micro_batch,
-                             autocast=autocast)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-
-    for k in range(warmup):
-        step(k)
+    tr = Trainer(variant, size, global_batch, micro_batch)
+    tr.step(0)
+    cuda = tr.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for k in range(warmup, warmup + steps):
-        t0 = time.perf_counter()
-        step(k)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    best = min(times)  # the least-disturbed step: other jobs share this CPU
+    seconds = tr.step(1)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant.name, "size": size, "global_batch": global_batch, "micro_batch": micro_batch,
-            "images_per_s": global_batch / best,
-            "median_images_per_s": global_batch / sorted(times)[len(times) // 2],
-            "peak_mib": peak / 2**20, "memory": "cuda allocated" if cuda else "process RSS",
-            "device": device.type, "threads": torch.get_num_threads()}
+    return {"peak_mib": peak / 2**20, "images_per_s": global_batch / seconds}
 
 
-def run_child(
-    variant: Variant, size: int, global_batch: int, micro_batch: int, steps: int, warmup: int
-) -> dict[str, Any]:
-    job = json.dumps({"variant": variant.__dict__, "size": size, "global_batch": global_batch,
-                      "micro_batch": micro_batch, "steps": steps, "warmup": warmup})
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.training", "--child", job],
+def run_child(job: dict[str, Any]) -> Any:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.training", "--child", json.dumps(job)],
                           capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark child failed ({variant.name}, {size}²):\n{proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+        raise SystemExit(f"benchmark child failed ({job}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(job: dict[str, Any]) -> Any:
+    if job["kind"] == "time":
+        return time_interleaved([Variant(**v) for v in job["variants"]], job["size"], job["batch"],
+                                job["steps"], job["warmup"])
+    return peak_memory(Variant(**job["variant"]), job["size"], job["global_batch"], job["micro_batch"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,32 +160,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        job = json.loads(args.child)
-        print(json.dumps(measure(Variant(**job.pop("variant")), **job)))
+        print(json.dumps(child(json.loads(args.child))))
         return 0
 
     optimised = replace(OPTIMISED, compile=args.compile,
                         name="optimised+compile" if args.compile else "optimised")
     sizes = [64] if args.quick else [int(s) for s in args.sizes.split(",")]
     steps, warmup = (2, 1) if args.quick else (args.steps, 1)
-    print(f"training step, {args.batch} images/step, hybrid loss, issue config (121 M params at 64²); "
-          f"best of {steps} timed steps after {warmup} warm-up")
-    print(f"{'size':>5} {'variant':<18} {'images/s':>9} {'peak MiB':>9} {'vs eager':>9} {'vs ref':>7}")
+    import torch
+
+    print(f"training step (micro-batched fwd+bwd, clip, AdamW, EMA), batch {args.batch}, hybrid loss, "
+          f"issue config (121 M params at 64²), {torch.get_num_threads()} threads; best of {steps} "
+          f"interleaved steps after {warmup} warm-up; memory: own process per variant")
+    print(f"{'size':>5} {'variant':<18} {'images/s':>9} {'peak MiB':>9} {'vs eager':>9} "
+          f"{'vs improved-diffusion':>22}")
     for size in sizes:
-        base = run_child(EAGER, size, args.batch, args.batch, steps, warmup)
-        fast = run_child(optimised, size, args.batch, args.batch, steps, warmup)
+        speeds = run_child({"kind": "time", "variants": [EAGER.__dict__, optimised.__dict__], "size": size,
+                            "batch": args.batch, "steps": steps, "warmup": warmup})
         ref = REFERENCE_IMAGES_PER_S.get(size)
-        for r in (base, fast):
-            vs_ref = f"{r['images_per_s'] / ref:6.2f}×" if ref else "     -"
-            print(f"{size:>4}² {r['variant']:<18} {r['images_per_s']:9.3f} {r['peak_mib']:9.0f} "
-                  f"{r['images_per_s'] / base['images_per_s']:8.2f}× {vs_ref}", flush=True)
+        for v, ips in zip((EAGER, optimised), speeds, strict=True):
+            mem = run_child({"kind": "memory", "variant": v.__dict__, "size": size,
+                             "global_batch": args.batch, "micro_batch": args.batch})
+            vs_ref = f"{ips / ref:6.2f}× (ref {ref})" if ref else "-"
+            print(f"{size:>4}² {v.name:<18} {ips:9.3f} {mem['peak_mib']:9.0f} {ips / speeds[0]:8.2f}× "
+                  f"{vs_ref:>22}", flush=True)
 
     print("\nmicro-batching: peak memory as the global batch grows (micro-batch 4, 64², optimised)")
     print(f"{'global':>6} {'micro':>5} {'images/s':>9} {'peak MiB':>9}")
     for gb in (4, 8) if args.quick else (4, 8, 16):
-        r = run_child(optimised, 64, gb, 4, 1, 1)
+        r = run_child({"kind": "memory", "variant": optimised.__dict__, "size": 64, "global_batch": gb,
+                       "micro_batch": 4})
         print(f"{gb:>6} {4:>5} {r['images_per_s']:9.3f} {r['peak_mib']:9.0f}", flush=True)
-    print("(memory is peak process RSS on CPU, peak allocated on CUDA; includes weights, grads, AdamW, EMA)")
+    print("(peak memory = process RSS on CPU (weights, grads, AdamW, EMA, activations of one micro-batch), "
+          "peak allocated on CUDA)")
     return 0
 
 
