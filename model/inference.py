@@ -7,10 +7,13 @@ What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md
   the output closest to the float32 net;
 - channels_last activations, the layout oneDNN/cuDNN convolutions run natively;
 - inference_mode, eval mode (dropout off);
-- a fixed micro-batch: the network always sees batches of exactly `micro_batch` rows
-  (the last chunk padded), so every sample goes through kernels of the same shape
-  whatever the request's batch size. This is what makes the optimised path
-  batch-invariant: a sample's output does not depend on how many neighbours it has.
+- batch invariance: on CPU the kernels of the prepared net are row-independent (the
+  UNet pads its GroupNorm batches to a multiple of the thread count and runs its
+  embedding matmuls per sample, see model/unet.py), so in bf16 channels_last a sample
+  comes out bit-identical whatever its batch — measured, not assumed: see
+  tests/model/test_unet.py. On CUDA, where cuDNN/cuBLAS pick kernels by shape, a fixed
+  `micro_batch` (the net always sees exactly that many rows, the last chunk padded)
+  gives the same guarantee at the cost of padding small batches.
 - optional `torch.compile` (inductor, weight freezing); off by default because the
   compile takes minutes for the research-size nets and buys little on CPU, where the
   convolutions already dominate.
@@ -83,8 +86,8 @@ def _keep_float32(model: nn.Module) -> list[nn.Module]:
 
 
 def default_micro_batch(device: torch.device | str) -> int:
-    """The fixed network batch: 4 on CPU (throughput flat from 2 up, memory low), 32 on CUDA."""
-    return 32 if torch.device(device).type == "cuda" else 4
+    """0 (whole batches) on CPU, whose kernels are batch-invariant; a fixed 8 rows on CUDA."""
+    return 8 if torch.device(device).type == "cuda" else 0
 
 
 class InferenceModel:
@@ -97,7 +100,9 @@ class InferenceModel:
         dtype: torch.dtype,
         micro_batch: int | None,
         forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        channels_last: bool = True,
     ) -> None:
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net
         self.device = device
         self.dtype = dtype
@@ -120,7 +125,7 @@ class InferenceModel:
                     # Pad with copies of the last row: same shapes → same kernels → batch-invariant.
                     xc = torch.cat([xc, xc[-1:].expand(k - rows, *xc.shape[1:])])
                     tc = torch.cat([tc, tc[-1:].expand(k - rows)])
-                xc = xc.contiguous(memory_format=torch.channels_last)
+                xc = xc.contiguous(memory_format=self.memory_format)
                 outs.append(self._forward(xc, tc)[:rows].float())
             out = torch.cat(outs).contiguous()
         return out
@@ -133,12 +138,12 @@ def prepare_for_inference(
     precision: str = "auto",
     compile: bool = False,
     micro_batch: int | None = None,
+    channels_last: bool = True,
 ) -> InferenceModel:
     """Convert `model` IN PLACE for fast sampling and return the model function.
 
     Pass a copy if the float32 module is still needed (the benchmark does). `micro_batch`
-    fixes the network batch (see the module docstring); 0 runs whole batches unpadded,
-    which is faster for a single sample but no longer batch-invariant.
+    > 0 fixes the network batch (see the module docstring); 0 runs whole batches.
     """
     dev = torch.device(device)
     dtype = resolve_precision(dev, precision)
@@ -149,9 +154,10 @@ def prepare_for_inference(
     model.to(dev, dtype)
     for part in _keep_float32(model):
         part.float()
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model
     if compile:
         # freezing folds the weights into the graph and lets inductor pre-pack them for oneDNN.
         forward = torch.compile(model, dynamic=False, options={"freezing": True})
-    return InferenceModel(model, dev, dtype, k or None, forward)
+    return InferenceModel(model, dev, dtype, k or None, forward, channels_last)

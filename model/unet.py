@@ -39,6 +39,53 @@ def param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def rowwise_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer applied one row at a time, so each row's result is independent of the batch.
+
+    BLAS picks its kernel (and so its summation order) by the number of rows: gemv for
+    one, blocked gemm for more. That made a sample's timestep embedding differ in the
+    last bits with its batch size, which bf16 rounding then amplified over a sampling
+    run. Convolutions, norms and attention are already row-independent, so with this
+    the whole forward is batch-invariant. Costs N tiny matrix-vector products.
+    """
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"rowwise_linear needs an nn.Linear, got {type(layer).__name__}")
+    return torch.cat([F.linear(x[i : i + 1], layer.weight, layer.bias) for i in range(x.shape[0])])
+
+
+def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 1×1 convolution (or identity); on a channels_last map, as a matmul over pixels."""
+    if isinstance(layer, nn.Conv2d) and x.is_contiguous(memory_format=torch.channels_last):
+        y = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias)
+        return y.permute(0, 3, 1, 2)
+    return layer(x)
+
+
+def batch_invariant_group_norm(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
+    """Affine-free GroupNorm whose per-sample statistics do not depend on the batch.
+
+    On a channels_last map of ≥ 1024 pixels the CPU kernel splits the N·H·W pixels of
+    the whole batch evenly over its T threads and adds the per-thread partial sums, so
+    a sample cut by a thread boundary gets a different summation order than the same
+    sample in another batch. When N is a multiple of T every sample lies wholly in one
+    thread, summed in the same order whatever the batch; so in inference we pad the
+    batch with zero rows up to a multiple of T (training needs no invariance).
+    """
+    n, threads = x.shape[0], torch.get_num_threads()
+    pad = -n % threads
+    needs_pad = (
+        pad
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.shape[2] * x.shape[3] >= 1024
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    if not needs_pad:
+        return F.group_norm(x, num_groups, None, None, eps)
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+    return F.group_norm(padded, num_groups, None, None, eps)[:n]
+
+
 def zero_module(module: M) -> M:
     """Zero a layer's parameters so that a residual branch starts as the identity."""
     for p in module.parameters():
@@ -65,16 +112,17 @@ class NormAct(nn.Module):
     def forward(
         self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        gamma, beta = self.norm.weight, self.norm.bias
+        n, g, eps = x.shape[0], self.norm.num_groups, self.norm.eps
+        gamma, beta = self.norm.weight.float(), self.norm.bias.float()
         if scale_shift is None:
-            h = F.group_norm(x, self.norm.num_groups, gamma.to(x.dtype), beta.to(x.dtype), self.norm.eps)
+            w, b = gamma.expand(n, -1), beta.expand(n, -1)
         else:
             # γ·x̂·(1+s) + β·(1+s) + shift = x̂·w + b with per-(sample, channel) w, b.
             scale, shift = scale_shift
-            w = gamma.float() * (1 + scale.float())
-            b = torch.addcmul(shift.float(), beta.float(), 1 + scale.float())
-            h = F.group_norm(x, self.norm.num_groups, None, None, self.norm.eps)
-            h = torch.addcmul(b.to(x.dtype)[:, :, None, None], h, w.to(x.dtype)[:, :, None, None])
+            w = gamma * (1 + scale.float())
+            b = torch.addcmul(shift.float(), beta, 1 + scale.float())
+        w4, b4 = w.to(x.dtype)[:, :, None, None], b.to(x.dtype)[:, :, None, None]
+        h = torch.addcmul(b4, batch_invariant_group_norm(x, g, eps), w4)
         if not self.act:
             return h
         return F.silu(h, inplace=not torch.is_grad_enabled())
@@ -142,14 +190,14 @@ class ResBlock(nn.Module):
         # Resample after the norm but before the conv, as BigGAN's up/down blocks do.
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
-        emb_out = self.emb_proj(F.silu(emb).to(param_dtype(self.emb_proj))).to(h.dtype)
+        emb_out = rowwise_linear(self.emb_proj, F.silu(emb).to(param_dtype(self.emb_proj))).to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_norm(h, (scale, shift))
         else:
             h = self.out_norm(h + emb_out[:, :, None, None])
         h = self.out_conv(self.dropout(h))
-        return self.skip(x) + h
+        return pointwise(self.skip, x) + h
 
 
 class AttentionBlock(nn.Module):
@@ -172,13 +220,16 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        qkv = self.qkv(self.norm(x))
-        # (N, 3·C, H, W) → three (N, heads, H·W, C/heads): SDPA's layout, positions as tokens.
-        qkv = qkv.reshape(n, 3, self.num_heads, c // self.num_heads, hh * ww).permute(1, 0, 2, 4, 3)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        a = F.scaled_dot_product_attention(q, k, v)
-        a = a.permute(0, 1, 3, 2).reshape(n, c, hh, ww)
-        return x + self.proj_out(a)
+        heads, length = self.num_heads, hh * ww
+        # Positions as tokens: (N, H·W, C) is a free view of a channels_last map, and the 1×1
+        # convolutions become plain matmuls, which oneDNN runs far faster than 1×1 convs here.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, length, c)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = qkv.view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H·W, C/heads)
+        a = a.transpose(1, 2).reshape(n, length, c)
+        out = F.linear(a, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.view(n, hh, ww, c).permute(0, 3, 1, 2)
 
 
 class TimestepSequential(nn.Sequential):
@@ -273,7 +324,8 @@ class UNetModel(nn.Module):
         # Each part runs in its own parameters' dtype, so a reduced-precision copy of the
         # body can keep the cheap, precision-sensitive embedding MLP and head in float32.
         emb_in = timestep_embedding(t, self.cfg.model_channels)
-        emb = self.time_embed(emb_in.to(param_dtype(self.time_embed)))
+        lin1, act, lin2 = self.time_embed
+        emb = rowwise_linear(lin2, act(rowwise_linear(lin1, emb_in.to(param_dtype(self.time_embed)))))
         h = x.to(self.dtype)
         skips = []
         for block in self.input_blocks:
@@ -282,4 +334,9 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out_conv(self.out_norm(h.to(param_dtype(self.out_conv))))
+        h = self.out_norm(h.to(param_dtype(self.out_conv)))
+        if torch.is_grad_enabled() or h.dtype != torch.float32:
+            return self.out_conv(h)
+        # float32 convolution kernels are chosen by batch size (bf16 ones are not, here);
+        # the head is a small share of the work, so run it per sample in inference.
+        return torch.cat([self.out_conv(h[i : i + 1]) for i in range(h.shape[0])])
