@@ -152,11 +152,11 @@ def test_forward_is_batch_invariant_within_tolerance() -> None:
     """Row i of a batch equals the forward of that row alone (float32 CPU)."""
     m = _randomise(UNetModel(PRESETS["demo"].model)).eval()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 5, 64, 64, generator=g)
-    t = torch.tensor([0, 250, 500, 750, 999])
+    x = torch.randn(3, 5, 64, 64, generator=g)
+    t = torch.tensor([0, 500, 999])
     with torch.inference_mode():
         batched = m(x, t)
-        alone = torch.cat([m(x[i : i + 1], t[i : i + 1]) for i in range(5)])
+        alone = torch.cat([m(x[i : i + 1], t[i : i + 1]) for i in range(3)])
     err = (batched - alone).abs().max().item()
     scale = batched.abs().max().item()
     # Measured ≈1e-6 relative on AVX-512 CPU float32; the contract allows 1e-3.
@@ -215,7 +215,6 @@ def _ddim_20(
     ("precision", "micro_batch"),
     [
         ("fp32", 0),
-        ("fp32", 2),
         pytest.param("bf16", 0, marks=needs_bf16),
         pytest.param("bf16", 2, marks=needs_bf16),
     ],
