@@ -298,6 +298,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         start_step = int(resume_state["step"])
+        # Provenance given to the first run (e.g. how the demo's phantoms were made) outlives resumes.
+        extra_provenance = {**resume_state.get("extra_provenance", {}), **extra_provenance}
         if is_master and resume_state.get("data_fingerprint") != fingerprint:
             print(f"warning: resuming on different data (fingerprint {fingerprint[:12]} vs "
                   f"{str(resume_state.get('data_fingerprint'))[:12]})", file=sys.stderr)
@@ -404,7 +406,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs, "data_position": sampler.position(step), "data_fingerprint": fingerprint,
-                "world_size": world_size,
+                "world_size": world_size, "extra_provenance": extra_provenance,
             })
             if val is not None:
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
