@@ -8,14 +8,13 @@ failure to load is a `CheckpointError` whose message is one line a person can ac
 from __future__ import annotations
 
 import copy
-import os
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.config import CheckpointConfig, ConfigError
+from synthmri.atomic import atomic_write
 from synthmri.hashing import checkpoint_sha256
 
 if TYPE_CHECKING:
@@ -59,18 +58,6 @@ class LoadedCheckpoint:
         return self._prepared[key]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same directory and rename, so no reader sees half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(
     directory: str | Path, state_dict: Mapping[str, torch.Tensor], config: CheckpointConfig
 ) -> str:
@@ -92,9 +79,9 @@ def save_checkpoint(
     # One metadata key only: safetensors writes metadata from a Rust HashMap in random order,
     # so several keys would make the bytes (and the sha256) of identical weights differ.
     metadata = {"format": "pt"}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
     text = config.to_json() + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
     return checkpoint_sha256(directory)
 
 

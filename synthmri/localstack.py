@@ -8,6 +8,7 @@ tail of its log.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ import redis
 from synthmri.jobstore import WORKER_HEARTBEAT_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
 
 
 class StackError(RuntimeError):
@@ -124,6 +126,15 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when its parent dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 class LocalStack:
     """Redis + N Celery workers (solo pool) + the API, on free localhost ports.
 
@@ -145,6 +156,7 @@ class LocalStack:
         redis_port: int | None = None,
         python: str = sys.executable,
         start_timeout: float = 180.0,
+        die_with_parent: bool = False,
     ) -> None:
         self.models_dir = Path(models_dir).resolve()
         self.results_dir = Path(results_dir).resolve()
@@ -158,6 +170,8 @@ class LocalStack:
         self.redis_port = redis_port or free_port(host)
         self.python = python
         self.start_timeout = start_timeout
+        # A supervisor (`synthmri up`) sets this so its children die even if it is SIGKILLed.
+        self.die_with_parent = die_with_parent and sys.platform == "linux"
         self.redis: Child | None = None
         self.api: Child | None = None
         self.workers: list[Child] = []
@@ -225,6 +239,7 @@ class LocalStack:
             env=self.child_env(),
             cwd=self.workdir,
             start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         return Child(name, proc, log, log_file)
 

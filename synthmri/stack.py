@@ -10,7 +10,6 @@ Redis is ever left running behind it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -23,13 +22,12 @@ from pathlib import Path
 from types import FrameType
 
 from synthmri.cli import CliError, make_parser
-from synthmri.localstack import Child, LocalStack, StackError
+from synthmri.localstack import LocalStack, StackError
 
 DEMO_MODEL = "demo"
 # `python -m synthmri.cli` would load the CLI twice (as __main__ and as synthmri.cli), and
 # then a sub-command's CliError would not be caught as one.
 SYNTHMRI_CMD = [sys.executable, "-c", "import sys; from synthmri.cli import main; sys.exit(main())"]
-_PR_SET_PDEATHSIG = 1
 
 
 class Stop(BaseException):
@@ -42,33 +40,6 @@ class Stop(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGKILL it when its parent dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-class SupervisedStack(LocalStack):
-    """LocalStack whose children cannot outlive `synthmri up`, even if it is SIGKILLed."""
-
-    def _spawn(self, name: str, argv: list[str]) -> Child:
-        log = self.log_dir / f"{name}.log"
-        log_file = open(log, "ab")  # noqa: SIM115 (closed by LocalStack.stop)
-        proc = subprocess.Popen(
-            argv,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=self.child_env(),
-            cwd=self.workdir,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        return Child(name, proc, log, log_file)
 
 
 # ----------------------------------------------------------------------------- models
@@ -203,12 +174,13 @@ def main(argv: list[str]) -> int:
         check_port_free(args.host, args.port)
 
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    stack: SupervisedStack | None = None
+    stack: LocalStack | None = None
     try:
         models = ensure_models(args.models.resolve())
         key, key_source = resolve_api_key(args.api_key, args.state_dir)
         extra_env = {"SYNTHMRI_API_KEYS": key or os.environ["SYNTHMRI_API_KEYS"]}
-        stack = SupervisedStack(
+        stack = LocalStack(
+            die_with_parent=True,
             models_dir=args.models,
             results_dir=args.results,
             workdir=args.state_dir,

@@ -11,10 +11,8 @@ import gzip
 import io
 import json
 import math
-import os
-import uuid
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from synthmri.atomic import atomic_write
 from synthmri.channels import LABEL_NAMES, SEG
 
 # Output orientation: array axis 0 = x, axis 1 = y of a BraTS volume as nibabel loads it
@@ -39,20 +38,6 @@ MANIFEST_FORMAT = "synthmri-manifest/1"
 
 # ---------------------------------------------------------------------------
 # Atomic file primitives
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` on a temp file next to `path`, fsync it, and rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
