@@ -83,10 +83,11 @@ class Settings(BaseSettings):
         description="Worker device: `auto` takes CUDA when available. Run one worker process per "
         "GPU (solo pool), e.g. CUDA_VISIBLE_DEVICES=i for the i-th process.",
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        default="fp32",
-        description="Worker arithmetic: fp32, or bf16/fp16 autocast on CUDA (ignored on CPU). "
-        "Samples are reproducible for a fixed device and precision.",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Worker arithmetic of the network body: `auto` takes bf16 on GPUs and on CPUs "
+        "with native bf16 (≈2× faster, batch-invariant), else fp32; fp16 only on CUDA (a CPU "
+        "worker uses `auto` instead). Samples are reproducible for a fixed device and precision.",
     )
     progress_interval_seconds: float = Field(
         default=0.5, ge=0.05, description="Minimum time between progress writes to a job record."

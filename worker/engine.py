@@ -46,6 +46,18 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
+def sampling_precision(setting: str, device: str) -> str:
+    """The precision name this worker samples in (fp16 has no CPU kernels: CPU falls back to auto)."""
+    import torch
+
+    from model.inference import resolve_precision
+
+    if device == "cpu" and setting == "fp16":
+        setting = "auto"
+    dtype = resolve_precision(device, setting)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def job_dir(settings: Settings, job_id: str) -> Path:
     return Path(settings.results_dir) / job_id
 
@@ -108,7 +120,7 @@ def sample_range(
         device=device,
         progress=progress,
         should_stop=should_stop,
-        precision=settings.precision if device != "cpu" else "fp32",
+        precision=sampling_precision(settings.precision, device),
     )
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
     (directory / PARTS).mkdir(parents=True, exist_ok=True)
@@ -138,6 +150,7 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
     )
 
     t0 = time.time()
+    device = resolve_device(settings.device)
     samples, raw = [], []
     for i in range(spec.count):
         with np.load(part_path(directory, i)) as part:
@@ -170,8 +183,8 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
             job_id=spec.id,
             request=spec.request,
             formats=spec.formats,
-            device=settings.device,
-            precision=settings.precision,
+            device=device,
+            precision=sampling_precision(settings.precision, device),
         )
     )
     assert manifest.format == MANIFEST_FORMAT
