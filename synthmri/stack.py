@@ -129,7 +129,8 @@ def banner(stack: LocalStack, key: str | None, key_source: str, models: dict[str
             "",
             "Try it (submit a job, wait for it, download its grid and all files):",
             f"  curl -s -X POST {url}/v1/jobs {auth} -H 'Content-Type: application/json' \\",
-            f"       -d '{{\"channels\": \"{channels}\", \"count\": 4, \"seed\": 1}}'",
+            f"       -d '{{\"channels\": \"{channels}\", \"count\": 4, \"seed\": 1, "
+            f"\"sampler\": \"ddpm\", \"steps\": 250}}'",
             f'  curl -s "{url}/v1/jobs/JOB_ID?wait=60" {auth}',
             f"  curl -s -o grid.png {url}/v1/jobs/JOB_ID/grid.png {auth}",
             f"  curl -s -o job.zip {url}/v1/jobs/JOB_ID/archive.zip {auth}",

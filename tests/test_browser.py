@@ -31,7 +31,7 @@ DEMO_MODEL = ROOT / "models" / "demo"
 # The docs screenshot shows the real demo model; the default run uses the tiny test model.
 UPDATE_DOCS = os.environ.get("SYNTHMRI_UPDATE_DOCS") == "1" and (DEMO_MODEL / "model.safetensors").is_file()
 FORM = (
-    {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "dpm++", "steps": "20"}
+    {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "ddpm", "steps": "250"}
     if UPDATE_DOCS
     else {"channels": "t1ce+seg", "count": "3", "seed": "7", "sampler": "ddim", "steps": "3"}
 )
