@@ -11,23 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import PRESETS, DiffusionConfig, ModelConfig
+# The 2-channel 64² research config of openai/improved-diffusion named in issue 2.
+from benchmarks.sampling import ISSUE_64
+from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceModel, cpu_has_native_bf16, prepare_for_inference, resolve_precision
 from model.samplers import sample_ddim
 from model.unet import AttentionBlock, ResBlock, UNetModel, batch_invariant_group_norm, timestep_embedding
-
-# The 2-channel 64² research config of openai/improved-diffusion named in issue 2.
-ISSUE_64 = ModelConfig(
-    image_size=64,
-    in_channels=2,
-    out_channels=4,
-    model_channels=128,
-    channel_mult=(1, 2, 3, 4),
-    num_res_blocks=3,
-    attention_resolutions=(16, 8),
-    num_heads=4,
-)
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
