@@ -10,7 +10,6 @@ Redis is ever left running behind it.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -23,6 +22,7 @@ from types import FrameType
 
 from synthmri.cli import CliError, make_parser
 from synthmri.localstack import LocalStack, StackError
+from synthmri.registry import scan_models
 
 DEMO_MODEL = "demo"
 # `python -m synthmri.cli` would load the CLI twice (as __main__ and as synthmri.cli), and
@@ -44,14 +44,8 @@ class Stop(BaseException):
 
 # ----------------------------------------------------------------------------- models
 def installed_models(models_dir: Path) -> dict[str, str]:
-    """Model name → channel set, read from each `*/config.json` (no torch)."""
-    found = {}
-    for config in sorted(models_dir.glob("*/config.json")):
-        try:
-            found[config.parent.name] = str(json.loads(config.read_text())["channel_set"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return found
+    """Model name → channel set of the checkpoints the API will serve (the registry's view)."""
+    return {name: info.channel_set for name, info in scan_models(models_dir).items()}
 
 
 def ensure_models(models_dir: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from model.config import get_preset
 from model.unet import UNetModel
+from synthmri.localstack import free_port
 from training.config import preset_config
 from training.train import GlobalBatchSampler, train
 
@@ -44,12 +44,6 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     train(run_config(Path(out), micro_batch=2), (data, [], "synthetic"))  # type: ignore[arg-type]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_each_step_splits_one_global_batch_over_the_ranks() -> None:
     single = GlobalBatchSampler(20, 8, rank=0, world_size=1, seed=3, start_step=0)
     ranks = [GlobalBatchSampler(20, 8, rank=r, world_size=2, seed=3, start_step=0) for r in range(2)]
@@ -71,7 +65,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp_out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ddp_out)), nprocs=2, join=True)
     # One process, the whole global batch of 8 in a single micro-batch.
     train(run_config(single_out, micro_batch=8), (synthetic_slices(), [], "synthetic"))  # type: ignore[arg-type]
 
