@@ -1,6 +1,7 @@
 """Training-step throughput and peak memory: eager fp32 vs the optimised recipe, in one run.
 
     python -m benchmarks.training [--quick] [--sizes 64,128] [--batch 4] [--compile]
+                                  [--reference /path/to/improved-diffusion]
 
 Model: the issue's 2-channel config of openai/improved-diffusion (128 base channels,
 3 res blocks, attention at 16 and 8 px, 4 heads; 121 M parameters at 64²), hybrid
@@ -9,9 +10,12 @@ step: micro-batched forward + backward (accumulate_gradients), grad clipping, Ad
 EMA update. The variants' steps are timed interleaved in one process (a load change on
 the shared CPU hits both alike); peak memory is measured in a fresh process per variant.
 
-The reference numbers (openai/improved-diffusion on the issue author's 2-core CPU):
-0.67 images/s at 64², batch 4, and 0.20 at 128². The CPU here is shared with other
-jobs, so absolute numbers are noisy; the ratios are measured back to back in one run.
+With --reference, openai/improved-diffusion's own training step (its UNetModel and
+GaussianDiffusion.training_losses with learned σ, AdamW, its update_ema), imported from a
+local checkout (never copied), is timed interleaved with ours: the yardstick of the issue.
+Without it, the issue author's numbers stand in (0.67 images/s at 64², batch 4, and 0.20
+at 128², 2 CPU cores). Absolute numbers on a shared CPU are noisy; the ratios are
+measured back to back in one run.
 """
 
 from __future__ import annotations
@@ -48,6 +52,51 @@ def model_config(size: int) -> Any:
     mult = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4)}[size]
     return ModelConfig(image_size=size, in_channels=2, out_channels=4, model_channels=128, channel_mult=mult,
                        num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4)
+
+
+class ReferenceTrainer:
+    """openai/improved-diffusion's training step, from a local checkout: the issue's yardstick.
+
+    What its TrainLoop does per step on one process without fp16: training_losses with
+    uniform t, mean loss, backward, AdamW (lr 1e-4, no weight decay), update_ema (0.9999).
+    Its per-step grad-norm logging is left out, which only flatters it.
+    """
+
+    def __init__(self, checkout: str, size: int, global_batch: int) -> None:
+        import torch
+
+        sys.path.insert(0, checkout)
+        from improved_diffusion.nn import update_ema
+        from improved_diffusion.script_util import create_gaussian_diffusion
+        from improved_diffusion.unet import UNetModel as ReferenceUNet
+
+        cfg = model_config(size)
+        torch.manual_seed(0)
+        self.model = ReferenceUNet(
+            in_channels=cfg.in_channels, model_channels=cfg.model_channels, out_channels=cfg.out_channels,
+            num_res_blocks=cfg.num_res_blocks,
+            attention_resolutions=tuple(size // r for r in cfg.attention_resolutions),  # by downsampling
+            dropout=0.0, channel_mult=cfg.channel_mult, num_heads=cfg.num_heads, use_scale_shift_norm=True,
+        )
+        self.diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear")
+        self.ema_params = [p.detach().clone() for p in self.model.parameters()]
+        self.update_ema = update_ema
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
+        self.global_batch = global_batch
+        self.x_start = torch.rand(global_batch, 2, size, size) * 2 - 1
+
+    def step(self, k: int) -> float:
+        import torch
+
+        g = torch.Generator().manual_seed(k)
+        t0 = time.perf_counter()
+        t = torch.randint(0, 1000, (self.global_batch,), generator=g)
+        loss = self.diffusion.training_losses(self.model, self.x_start, t)["loss"].mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.update_ema(self.ema_params, list(self.model.parameters()), rate=0.9999)
+        return time.perf_counter() - t0
 
 
 class Trainer:
@@ -105,9 +154,12 @@ class Trainer:
         return time.perf_counter() - t0
 
 
-def time_interleaved(variants: list[Variant], size: int, batch: int, steps: int, warmup: int) -> list[float]:
-    """Best images/s of each variant, their steps alternating so load changes hit all alike."""
-    trainers = [Trainer(v, size, batch, batch) for v in variants]
+def time_interleaved(variants: list[Variant], size: int, batch: int, steps: int, warmup: int,
+                     reference: str | None = None) -> list[float]:
+    """Best images/s of each variant (then the reference), steps alternating so load changes hit all alike."""
+    trainers: list[Trainer | ReferenceTrainer] = [Trainer(v, size, batch, batch) for v in variants]
+    if reference:
+        trainers.append(ReferenceTrainer(reference, size, batch))
     for k in range(warmup):
         for tr in trainers:
             tr.step(k)
@@ -144,7 +196,7 @@ def run_child(job: dict[str, Any]) -> Any:
 def child(job: dict[str, Any]) -> Any:
     if job["kind"] == "time":
         return time_interleaved([Variant(**v) for v in job["variants"]], job["size"], job["batch"],
-                                job["steps"], job["warmup"])
+                                job["steps"], job["warmup"], job.get("reference"))
     return peak_memory(Variant(**job["variant"]), job["size"], job["global_batch"], job["micro_batch"])
 
 
@@ -157,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--compile", action="store_true", help="add torch.compile to the optimised variant")
+    parser.add_argument("--reference", help="improved-diffusion checkout to time side by side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -176,14 +229,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{'vs improved-diffusion':>22}")
     for size in sizes:
         speeds = run_child({"kind": "time", "variants": [EAGER.__dict__, optimised.__dict__], "size": size,
-                            "batch": args.batch, "steps": steps, "warmup": warmup})
-        ref = REFERENCE_IMAGES_PER_S.get(size)
-        for v, ips in zip((EAGER, optimised), speeds, strict=True):
+                            "batch": args.batch, "steps": steps, "warmup": warmup,
+                            "reference": args.reference})
+        if args.reference:
+            ref, ref_name = speeds[-1], "measured in this run"
+            print(f"{size:>4}² {'improved-diffusion':<18} {ref:9.3f} {'-':>9} {ref / speeds[0]:8.2f}× "
+                  f"{'1.00×':>22}", flush=True)
+        else:
+            ref, ref_name = REFERENCE_IMAGES_PER_S[size], "the issue's number"
+        for v, ips in zip((EAGER, optimised), speeds, strict=False):
             mem = run_child({"kind": "memory", "variant": v.__dict__, "size": size,
                              "global_batch": args.batch, "micro_batch": args.batch})
-            vs_ref = f"{ips / ref:6.2f}× (ref {ref})" if ref else "-"
             print(f"{size:>4}² {v.name:<18} {ips:9.3f} {mem['peak_mib']:9.0f} {ips / speeds[0]:8.2f}× "
-                  f"{vs_ref:>22}", flush=True)
+                  f"{f'{ips / ref:6.2f}×':>22}", flush=True)
+        print(f"      (improved-diffusion: {ref:.3f} images/s, {ref_name})")
 
     print("\nmicro-batching: peak memory as the global batch grows (micro-batch 4, 64², optimised)")
     print(f"{'global':>6} {'micro':>5} {'images/s':>9} {'peak MiB':>9}")

@@ -41,8 +41,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init
-    precision: Precision = "auto"  # auto = bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU
-    channels_last: bool = False
+    # auto = bf16 on CUDA with bf16 and on CPUs with bf16 dot products (AVX512-BF16/AMX),
+    # fp16 on older CUDA, else fp32
+    precision: Precision = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on with bf16/fp16 autocast
     compile: bool = False  # torch.compile the model
     log_every: int = 10
     sample_every: int = 0  # steps between sample-grid PNGs; 0 = only at the end

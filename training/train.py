@@ -40,6 +40,7 @@ import synthmri
 from model.checkpoint import save_checkpoint
 from model.config import CheckpointConfig, ConfigError, Normalisation
 from model.diffusion import GaussianDiffusion
+from model.inference import cpu_has_native_bf16
 from model.seeding import sample_seed
 from model.unet import UNetModel
 from synthmri.cli import CliError, make_parser
@@ -157,10 +158,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        # bf16 autocast trains the 121 M issue config 1.9× faster than fp32 on a Zen 5 CPU;
+        # without native bf16 dot products oneDNN emulates it and it would only lose.
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
     return precision
+
+
+def resolve_channels_last(value: str | bool, precision: str) -> bool:
+    """channels_last pays with reduced-precision convolutions (oneDNN, tensor cores), not in fp32 on CPU."""
+    if value in ("auto", None):
+        return precision in ("bf16", "fp16")
+    return value in ("on", True)
 
 
 def code_version() -> str:
@@ -279,7 +289,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
     # -- model, diffusion, EMA, optimiser (same init on every rank) ------------
     torch.manual_seed(cfg.seed)
     raw_model: nn.Module = UNetModel(preset.model).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    channels_last = resolve_channels_last(cfg.channels_last, precision)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     raw_model = raw_model.to(memory_format=memory_format)  # type: ignore[call-overload]
     diffusion = GaussianDiffusion.from_config(preset.diffusion)
     ema = EMA(raw_model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -347,7 +358,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         print(f"training {preset.name} ({cfg.channel_set}, {preset.model.image_size}², "
               f"{n_params / 1e6:.2f} M params) on {n_train} slices, world {world_size}, "
               f"global batch {cfg.global_batch} = "
-              f"{world_size}×{per_rank} in micro-batches of {micro}, {precision}, {device.type}, "
+              f"{world_size}×{per_rank} in micro-batches of {micro}, {precision}"
+              f"{' channels_last' if channels_last else ''}, {device.type}, "
               f"steps {start_step}→{cfg.steps}", file=sys.stderr)
 
     @torch.no_grad()
@@ -387,6 +399,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
                 "world_size": world_size,
                 "device": device.type,
                 "precision": precision,
+                "channels_last": channels_last,
                 "train_seconds": round(elapsed, 1),
                 "final_loss": last_loss,
                 "val_loss": val,

@@ -12,11 +12,12 @@ import torch
 
 from model.config import ConfigError, get_preset
 from model.diffusion import GaussianDiffusion
+from model.inference import cpu_has_native_bf16
 from model.unet import UNetModel
 from training.config import TrainConfig, preset_config
 from training.ema import EMA
 from training.schedule import get_lr
-from training.train import accumulate_gradients, draw_t_noise, main
+from training.train import accumulate_gradients, draw_t_noise, main, resolve_channels_last, resolve_precision
 
 
 def tiny_model(seed: int = 0) -> UNetModel:
@@ -106,6 +107,18 @@ def test_presets_and_validation() -> None:
         preset_config("huge")
 
 
+def test_auto_precision_and_memory_format() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", cpu)
+    assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
+    assert resolve_channels_last("on", "fp32") and not resolve_channels_last("off", "bf16")
+    # configs saved before "auto" hold booleans
+    assert resolve_channels_last(True, "fp32") and not resolve_channels_last(False, "bf16")
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from synthmri.cli import main as synthmri_main
 
@@ -146,6 +159,8 @@ def test_cli_trains_on_phantoms_and_writes_a_loadable_checkpoint(phantom_dir: Pa
     prov = ckpt.config.provenance
     assert prov["steps"] == 6 and prov["images_seen"] == 24 and len(prov["data_fingerprint"]) >= 8
     assert prov["recipe"]["micro_batch"] == 2 and prov["code_version"].startswith("0.")
+    auto_bf16 = cpu_has_native_bf16()  # "auto": bf16 channels_last where the CPU has bf16 dot products
+    assert prov["precision"] == ("bf16" if auto_bf16 else "fp32") and prov["channels_last"] is auto_bf16
     state = torch.load(out / "train_state.pt", weights_only=False)
     for name, w in ckpt.model.state_dict().items():
         assert torch.equal(w, state["ema"]["model"][name]), f"checkpoint {name} is not the EMA weight"
