@@ -1,7 +1,7 @@
 """Sampling-speed benchmark: plain eager float32 UNet vs the optimised default path.
 
     python -m benchmarks.sampling [--quick] [--device cpu|cuda] [--sizes 64,128] [--batches 1,8,32]
-                                  [--reference /path/to/improved-diffusion] [--compile]
+                                  [--reference /path/to/improved-diffusion] [--compile] [--int8]
 
 For the issue-2 architecture (2 channels, 128 base channels, 3 res blocks, attention at
 16² and 8², 4 heads, learned σ; channel_mult (1,2,3,4) at 64² = 121 M parameters and
@@ -10,6 +10,7 @@ step = one network evaluation on the whole batch, what a sampler step costs) and
 peak memory of one step, for:
 - `eager`: the unmodified UNetModel, float32, NCHW, torch.no_grad — the baseline;
 - `optimised`: `model.inference.prepare_for_inference(model, device)` defaults;
+- `int8` (only with --int8): the same with precision="int8" (opt-in; CPUs with VNNI);
 - `reference` (only with --reference): openai/improved-diffusion's own UNetModel,
   imported from a local checkout, float32 eager — the yardstick of the issue.
 Paths are timed in interleaved rounds (eager, optimised, eager, …) and the ratio is the
@@ -158,7 +159,8 @@ def bench_batch(
 ) -> dict[str, Timing]:
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
+    # One timestep for the whole batch, as in every sampler step.
+    t = torch.full((batch,), int(torch.randint(0, 1000, (1,), generator=g)))
     xd, td = x.to(device), t.to(device)
     mem = PeakMemory(device)
     out: dict[str, Timing] = {}
@@ -178,13 +180,13 @@ def bench_batch(
     return out
 
 
-def output_error(paths: dict[str, ModelFn], cfg: ModelConfig, device: torch.device) -> float:
-    """Max |optimised − eager| over a batch of 4, relative to the eager output's range."""
+def output_error(paths: dict[str, ModelFn], cfg: ModelConfig, device: torch.device, name: str) -> float:
+    """Max |paths[name] − eager| over a batch of 4, relative to the eager output's range."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     t = torch.tensor([0, 300, 600, 999], device=device)
     ref = paths["eager"](x, t).float()
-    opt = paths["optimised"](x, t).float()
+    opt = paths[name](x, t).float()
     return float((opt - ref).abs().max() / (ref.max() - ref.min()))
 
 
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", help="optimised path precision (auto|fp32|bf16|fp16)")
     p.add_argument("--micro-batch", type=int, default=None, help="optimised path micro-batch (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised path (slow to start)")
+    p.add_argument("--int8", action="store_true", help="also time the opt-in int8 path (CPU with VNNI)")
     p.add_argument("--reference", type=Path, default=None, help="improved-diffusion checkout to compare with")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -226,16 +229,21 @@ def main(argv: list[str] | None = None) -> int:
             micro_batch=args.micro_batch,
         )
         paths: dict[str, ModelFn] = {"eager": eager_path(base), "optimised": opt}
+        if args.int8:
+            paths["int8"] = prepare_for_inference(copy.deepcopy(base), device, precision="int8")
         if args.reference is not None:
             paths["reference"] = reference_path(args.reference, cfg)
-        err = output_error(paths, cfg, device)
+        err = output_error(paths, cfg, device, "optimised")
         print(
             f"\n{size}²  channel_mult {cfg.channel_mult}  {n_params / 1e6:.1f} M params  optimised: "
             f"{str(opt.dtype).removeprefix('torch.')}, micro-batch {opt.micro_batch or 'off'}"
             f"{', compiled' if args.compile else ''}; max |opt − eager| = {err:.1e} of the output range"
+            + (f"; max |int8 − eager| = {output_error(paths, cfg, device, 'int8'):.1e}" if args.int8 else "")
         )
+        fast = [n for n in ("optimised", "int8") if n in paths]
+        slow = [n for n in ("eager", "reference") if n in paths]
         header = f"{'batch':>5}  " + "  ".join(f"{n + ' img·st/s':>22} {'peak MiB':>8}" for n in paths)
-        print(header + "   opt/eager" + ("   opt/ref" if "reference" in paths else ""))
+        print(header + "".join(f"   {a[:3]}/{b[:3]}" for a in fast for b in slow))
         for batch in batches:
             res = bench_batch(paths, cfg, batch, rounds, device)
             cols = []
@@ -243,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 s, mib = res[name].seconds, res[name].peak / 2**20
                 cols.append(f"{batch / statistics.median(s):>12.2f} (best {batch / min(s):5.2f}) {mib:8.0f}")
             line = f"{batch:>5}  " + "  ".join(cols)
-            for other in ["eager"] + (["reference"] if "reference" in paths else []):
-                ratios = [a / b for a, b in zip(res[other].seconds, res["optimised"].seconds, strict=True)]
-                line += f"   {statistics.median(ratios):8.2f}×"
+            for a in fast:
+                for b in slow:
+                    ratios = [sb / sa for sa, sb in zip(res[a].seconds, res[b].seconds, strict=True)]
+                    line += f"   {statistics.median(ratios):6.2f}×"
             print(line, flush=True)
         del base, opt, paths
         gc.collect()

@@ -47,15 +47,13 @@ def resolve_device(setting: str) -> str:
 
 
 def sampling_precision(setting: str, device: str) -> str:
-    """The precision name this worker samples in (fp16 has no CPU kernels: CPU falls back to auto)."""
-    import torch
+    """The precision name this worker samples in (fp16 has no CPU kernels and int8 no CUDA ones:
+    those fall back to auto)."""
+    from model.inference import resolved_precision_name
 
-    from model.inference import resolve_precision
-
-    if device == "cpu" and setting == "fp16":
+    if (device == "cpu" and setting == "fp16") or (device != "cpu" and setting == "int8"):
         setting = "auto"
-    dtype = resolve_precision(device, setting)
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return resolved_precision_name(device, setting)  # raises with the reason if int8 is unsupported here
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
@@ -156,7 +154,7 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
         with np.load(part_path(directory, i)) as part:
             samples.append({c: part[c] for c in spec.channels})
             raw.append(part["raw"])
-    write_grid(directory / GRID, samples, spec.channels, row_labels=[str(i) for i in range(spec.count)])
+    write_grid(directory / GRID, samples, spec.channels, row_labels=[f"{i:04d}" for i in range(spec.count)])
     files = [name for i in range(spec.count) for name in sample_files(spec, i)]
     if "npz" in spec.formats:
         write_npz(directory / NPZ, np.stack(raw))

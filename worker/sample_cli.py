@@ -18,7 +18,7 @@ from synthmri import __version__
 from synthmri.cli import CliError, make_parser
 
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 MAX_SEED = 2**63 - 1
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -65,11 +65,16 @@ def main(argv: Sequence[str]) -> int:
 
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.generate import decode_sample, generate, resolve_steps
+    from model.inference import resolved_precision_name
     from worker import writers
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but no CUDA device is available (use --device cpu)")
     steps = resolve_steps(args.sampler, args.steps)
+    try:
+        precision = resolved_precision_name(args.device, args.precision)
+    except ValueError as e:
+        raise CliError(f"--precision {args.precision}: {e}") from None
 
     t0 = time.perf_counter()
     try:
@@ -138,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
         version=__version__,
         batch_size=args.batch_size,
         device=args.device,
-        precision=args.precision,
+        precision=precision,
         torch_version=torch.__version__,
         request={
             "count": args.count,

@@ -89,7 +89,7 @@ def test_job_end_to_end_outputs(api: Api, stack: Any) -> None:
     samples = [
         {c: arrays[f"{job['id']}_{i:04d}_{c}.nii.gz"][0][:, :, 0] for c in ("t1ce", "seg")} for i in range(3)
     ]
-    expected_grid, layout = render_grid(samples, ["t1ce", "seg"], row_labels=["0", "1", "2"])
+    expected_grid, layout = render_grid(samples, ["t1ce", "seg"], row_labels=["0000", "0001", "0002"])
     assert (layout.rows, layout.cols) == (3, 2)
     grid = Image.open(io.BytesIO(api.http.get(f"/v1/jobs/{job['id']}/grid.png").content))
     assert grid.size == expected_grid.size == (layout.width, layout.height)
