@@ -106,12 +106,15 @@ class Trainer:
         import torch
 
         from model.config import DiffusionConfig
+        from model.cpu_allocator import retain_freed_memory
         from model.diffusion import GaussianDiffusion
         from model.unet import UNetModel
         from training.ema import EMA
 
         torch.manual_seed(0)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            retain_freed_memory()  # as training/train.py does; the reference in this process gains too
         self.fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
         model = UNetModel(model_config(size)).to(self.device)
         self.model = model.to(memory_format=self.fmt)  # type: ignore[call-overload]

@@ -7,13 +7,16 @@ most of the cost of the memory-bound passes: quantising a 16×128×64×64 map to
 with glibc's defaults and 1.8 ms with freed memory kept (benchmarks/RESULTS.md). The
 price is that the process keeps its peak footprint resident, which is what a sampling
 worker or a training process does anyway. Other allocators (jemalloc, tcmalloc) cache
-by themselves; this is the no-dependency fix for the default one.
+by themselves; this is the no-dependency fix for the default one. Set
+SYNTHMRI_RETAIN_FREED_MEMORY=0 to leave malloc alone (with another allocator preloaded, or
+to measure glibc's defaults).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -23,6 +26,8 @@ KEEP_BELOW = 1 << 30  # allocations up to 1 GiB come from the reusable heap
 @functools.cache
 def retain_freed_memory() -> bool:
     """Tell glibc malloc to keep freed memory for reuse (once per process); False where not glibc."""
+    if os.environ.get("SYNTHMRI_RETAIN_FREED_MEMORY", "1") == "0":
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt

@@ -40,6 +40,7 @@ import synthmri
 from model.checkpoint import save_checkpoint
 from model.config import CheckpointConfig, ConfigError, Normalisation
 from model.diffusion import GaussianDiffusion
+from model.cpu_allocator import retain_freed_memory
 from model.inference import cpu_has_native_bf16
 from model.seeding import sample_seed
 from model.unet import UNetModel
@@ -275,6 +276,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
            extra_provenance: dict[str, Any]) -> dict[str, Any]:
     cfg.validate(world_size)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        retain_freed_memory()
     if not (cfg.out or cfg.resume):
         raise ConfigError("--out is required")
     out = Path(cfg.out or cfg.resume)
