@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import synthmri
 from model.checkpoint import save_checkpoint
 from model.config import CheckpointConfig, ConfigError, Normalisation
-from model.diffusion import GaussianDiffusion
 from model.cpu_allocator import retain_freed_memory
+from model.diffusion import GaussianDiffusion
 from model.inference import cpu_has_native_bf16
 from model.seeding import sample_seed
 from model.unet import UNetModel
