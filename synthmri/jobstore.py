@@ -42,6 +42,22 @@ redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 return cur
 """
 
+# Count the owner's queued/running jobs and create the new one in the same script, so two
+# simultaneous submissions cannot both pass a limit that has room for one.
+_CREATE_WITHIN_LIMIT = """
+local active = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local st = redis.call('HGET', ARGV[5] .. id, 'state')
+  if st == 'queued' or st == 'running' then active = active + 1 end
+end
+local limit = tonumber(ARGV[4])
+if limit >= 0 and active >= limit then return {0, active} end
+redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'ttl', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+redis.call('HINCRBY', KEYS[3], 'queued', 1)
+return {1, active}
+"""
+
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
@@ -71,24 +87,23 @@ class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE_WITHIN_LIMIT)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=10))
 
     # -- records ---------------------------------------------------------------
-    def create(self, spec: JobSpec, ttl_seconds: int) -> None:
-        """Store a new queued job; its record expires `ttl_seconds` after the job ends."""
-        record: dict[Any, Any] = {
-            "spec": spec.model_dump_json(),
-            "state": JobState.queued.value,
-            "ttl": str(ttl_seconds),
-        }
-        pipe = self.r.pipeline()
-        pipe.hset(job_key(spec.id), mapping=record)
-        pipe.zadd(f"{PREFIX}owner:{spec.owner}", {spec.id: spec.created_at})
-        pipe.hincrby(STATS_STATES, JobState.queued.value, 1)
-        pipe.execute()
+    def create(self, spec: JobSpec, ttl_seconds: int, max_active: int = -1) -> int | None:
+        """Store a new queued job unless its owner already has `max_active` queued or running
+        jobs (−1: no limit). Returns None when created, else that owner's active job count.
+        The record expires `ttl_seconds` after the job ends."""
+        created, active = self._create(
+            keys=[job_key(spec.id), f"{PREFIX}owner:{spec.owner}", STATS_STATES],
+            args=[spec.model_dump_json(), str(ttl_seconds), repr(spec.created_at), max_active,
+                  job_key(""), spec.id],
+        )  # fmt: skip
+        return None if created else int(active)
 
     def get(self, job_id: str) -> JobRecord | None:
         pipe = self.r.pipeline()

@@ -113,13 +113,6 @@ def submit_job(
     steps = body.effective_steps
     if steps > info.diffusion_steps:
         raise Problem(422, f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
-    active = services.store.active_count(owner)
-    if active >= settings.max_active_jobs_per_key:
-        raise Problem(
-            429, f"this API key already has {active} queued or running jobs (limit "
-            f"{settings.max_active_jobs_per_key}); wait for one to finish or cancel one",
-            headers={"Retry-After": "10"},
-        )  # fmt: skip
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
     spec = JobSpec(
         id=new_job_id(),
@@ -138,7 +131,13 @@ def submit_job(
         created_at=time.time(),
         request=body.model_dump(mode="json", exclude_none=True),
     )
-    services.store.create(spec, settings.result_ttl_seconds)
+    active = services.store.create(spec, settings.result_ttl_seconds, settings.max_active_jobs_per_key)
+    if active is not None:
+        raise Problem(
+            429, f"this API key already has {active} queued or running jobs (limit "
+            f"{settings.max_active_jobs_per_key}); wait for one to finish or cancel one",
+            headers={"Retry-After": "10"},
+        )  # fmt: skip
     try:
         services.queue.enqueue_job(spec)
     except Exception as e:

@@ -83,3 +83,18 @@ def test_owner_listing_and_active_count(store: JobStore) -> None:
 def test_worker_heartbeats(store: JobStore) -> None:
     store.heartbeat("w1@h", {"hostname": "w1@h", "models": ["abc"]}, ttl_seconds=5)
     assert store.workers() == [{"hostname": "w1@h", "models": ["abc"]}]
+
+
+def test_active_job_limit_holds_under_simultaneous_submissions(store: JobStore) -> None:
+    """20 threads submit at once against a limit of 3: exactly 3 jobs exist afterwards (a
+    count-then-create check lets several through when the submissions interleave)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [make_spec(f"{i:016x}", "racer") for i in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda s: store.create(s, 100, max_active=3), specs))
+    assert sum(r is None for r in results) == 3
+    assert all(r == 3 for r in results if r is not None)
+    assert store.active_count("racer") == 3
+    store.finish(next(s.id for s, r in zip(specs, results, strict=True) if r is None), JobState.succeeded)
+    assert store.create(make_spec("f" * 16, "racer"), 100, max_active=3) is None  # room again
