@@ -187,3 +187,33 @@ def test_console_entry_point(tiny_checkpoint_readonly: Path, tmp_path: Path) -> 
     assert (tmp_path / "o" / "sample_0000_seg.nii.gz").is_file()
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "p"), "--count", "-3"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "synthmri sample: error: --count must be ≥ 1, got -3"
+
+
+def test_precision_is_recorded_and_int8_runs_or_says_why(
+    tiny_checkpoint_readonly: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model import quantize
+    from model.inference import cpu_has_native_bf16
+
+    argv = ["sample", "--model", str(tiny_checkpoint_readonly), "--count", "2", "--seed", "3",
+            "--sampler", "ddim", "--steps", "4"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+    auto = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert auto["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")  # resolved, not "auto"
+    if quantize.int8_supported():
+        assert main([*argv, "--precision", "int8", "--out", str(tmp_path / "int8")]) == 0
+        assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["precision"] == "int8"
+        for i in range(2):
+            a, b = (np.asanyarray(nib.load(tmp_path / d / f"sample_{i:04d}_t1ce.nii.gz").dataobj)
+                    for d in ("auto", "int8"))  # fmt: skip
+            # Same seed, same sampler: int8 rounding moves pixels a little, not the whole image.
+            assert 0 < np.abs(a - b).mean() < 0.05
+    capsys.readouterr()
+    monkeypatch.setattr(quantize, "cpu_has_vnni", lambda: False)
+    assert main([*argv, "--precision", "int8", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "--precision int8: int8 needs a CPU with VNNI" in err and err.count("\n") == 1
+    assert not (tmp_path / "no").exists()
