@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from model.cpu_allocator import retain_freed_memory
+from model.cpu_features import cpu_flags
 from model.quantize import int8_supported, quantise_convolutions
 from model.unet import AttentionBlock, NormAct, ResBlock, UNetModel
 
@@ -48,16 +48,7 @@ def cpu_has_native_bf16() -> bool:
     Without them oneDNN emulates bf16 through float32 and the reduced precision buys
     nothing, so "auto" stays float32.
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(device: torch.device | str, precision: str = "auto") -> torch.dtype:

@@ -18,27 +18,18 @@ Quantisation error is larger than bf16's (see benchmarks/RESULTS.md): this is th
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 from torch import nn
+
+from model.cpu_features import cpu_flags
 
 QMAX = 127  # symmetric codes -127..127 around the zero point
 ZERO_POINT = 128
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
     """True when oneDNN has native int8 dot products here (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(set(line.split(":", 1)[1].split()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    return False
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def int8_supported() -> bool:
