@@ -517,6 +517,17 @@ def _is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def resumed_config(ns: Any, resume: str) -> TrainConfig:
+    """The saved config of the run in `resume` with the flags given now applied. It writes back
+    into `resume` unless --out is given: the saved `out` names where the run was first written,
+    which for a copied or moved run directory is somewhere else."""
+    saved = Path(resume) / TRAIN_CONFIG
+    if not saved.is_file():
+        raise CliError(f"cannot resume: {saved} does not exist")
+    cfg = config_from_args(ns, base=from_dict(json.loads(saved.read_text())))
+    return replace(cfg, resume=resume, out=getattr(ns, "out", None) or resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`synthmri train` / `python -m training.train` (also under torchrun)."""
     parser = make_parser("train", "Train a SynthMRI diffusion model (DDP when started by torchrun).")
@@ -524,14 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         resume = getattr(ns, "resume", "")
-        if resume:
-            saved = Path(resume) / TRAIN_CONFIG
-            if not saved.is_file():
-                raise CliError(f"cannot resume: {saved} does not exist")
-            cfg = config_from_args(ns, base=from_dict(json.loads(saved.read_text())))
-            cfg = replace(cfg, resume=resume, out=cfg.out or resume)
-        else:
-            cfg = config_from_args(ns)
+        cfg = resumed_config(ns, resume) if resume else config_from_args(ns)
         if not cfg.data:
             raise CliError("--data DIR is required (a BraTS folder or phantoms from `synthmri phantoms`)")
         if not cfg.out:

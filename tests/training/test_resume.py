@@ -61,3 +61,26 @@ def test_resume_from_a_directory_without_state_is_a_one_line_error(tmp_path: Pat
         assert "train_config.json does not exist" in str(e)
     else:
         raise AssertionError("resume from an empty directory must fail")
+
+
+def test_a_copied_run_resumes_into_the_copy(tmp_path: Path) -> None:
+    """The saved train_config.json names the directory the run was first written to; resuming a
+    copy must not write back there (it overwrote a shipped model once) unless --out says so."""
+    import argparse
+    import json
+
+    from synthmri.cli import make_parser
+    from training.config import add_config_arguments
+    from training.train import TRAIN_CONFIG, resumed_config
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    copy.mkdir()
+    saved = preset_config("tiny", out=str(original), data="data", steps=10)
+    (copy / TRAIN_CONFIG).write_text(json.dumps(saved.to_dict()))
+    parser: argparse.ArgumentParser = make_parser("train", "test")
+    add_config_arguments(parser)
+    cfg = resumed_config(parser.parse_args(["--resume", str(copy), "--steps", "20"]), str(copy))
+    assert cfg.out == str(copy) and cfg.resume == str(copy) and cfg.steps == 20 and cfg.data == "data"
+    elsewhere = tmp_path / "elsewhere"
+    cfg = resumed_config(parser.parse_args(["--resume", str(copy), "--out", str(elsewhere)]), str(copy))
+    assert cfg.out == str(elsewhere)
