@@ -1,0 +1,44 @@
+"""The shipped demo model (models/demo) is a trained denoiser, not noise: it predicts the noise
+on phantom slices it has never seen far better than chance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.diffusion import GaussianDiffusion
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
+
+
+def test_shipped_demo_model_is_small_and_says_how_it_was_made() -> None:
+    assert (DEMO / "model.safetensors").stat().st_size <= 20 * 2**20
+    ckpt = load_checkpoint(DEMO)
+    prov = ckpt.config.provenance
+    assert ckpt.config.channel_set == "t1+t1ce+t2+flair+seg" and ckpt.config.image_size == 64
+    assert prov["recipe"]["preset"] == "demo" and prov["steps"] >= 1000 and prov["demo"]["data"] == "phantoms"
+
+
+def test_shipped_demo_model_denoises_unseen_phantom_slices(tmp_path: Path) -> None:
+    phantoms = pytest.importorskip("training.phantoms")
+    from training.dataset import build_datasets
+
+    phantoms.write_phantoms(tmp_path / "data", 1, 4242)  # a seed the demo was not trained on
+    slices, _, _ = build_datasets(str(tmp_path / "data"), "t1+t1ce+t2+flair+seg", 64, val_fraction=0.0,
+                                  seed=0, cache_dir=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    idx = torch.linspace(0, len(slices) - 1, 24).long()
+    x0 = torch.stack([slices[int(i)] for i in idx]).float()
+    ckpt = load_checkpoint(DEMO)
+    net, diffusion = ckpt.model.eval(), GaussianDiffusion.from_config(ckpt.config.diffusion)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    # Predicting ε = 0 scores 1.0; the shipped model measured 0.040 at t = 150 and 0.011 at 500
+    # on 96 such slices.
+    for t_value, bound in ((150, 0.08), (500, 0.03)):
+        t = torch.full((len(x0),), t_value)
+        with torch.no_grad():
+            eps = net(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
+        mse = ((eps - noise) ** 2).mean().item()
+        assert mse < bound, (t_value, mse)
