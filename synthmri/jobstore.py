@@ -42,25 +42,34 @@ redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 return cur
 """
 
-# Count the owner's queued/running jobs and create the new one in the same script, so two
-# simultaneous submissions cannot both pass a limit that has room for one.
-_CREATE_WITHIN_LIMIT = """
+# The owner's queued/running jobs (KEYS[1] = owner index, ARGV[1] = job key prefix): one
+# definition of "active" for the limit check and for `active_count`.
+_COUNT_ACTIVE = f"""
 local active = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local st = redis.call('HGET', ARGV[5] .. id, 'state')
-  if st == 'queued' or st == 'running' then active = active + 1 end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local st = redis.call('HGET', ARGV[1] .. id, 'state')
+  if st == '{JobState.queued.value}' or st == '{JobState.running.value}' then active = active + 1 end
 end
-local limit = tonumber(ARGV[4])
-if limit >= 0 and active >= limit then return {0, active} end
-redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'ttl', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
-redis.call('HINCRBY', KEYS[3], 'queued', 1)
-return {1, active}
 """
 
+# Count and create in the same script, so two simultaneous submissions cannot both pass a
+# limit that has room for one. KEYS: owner index, job, stats; ARGV: prefix, spec, ttl,
+# created_at, limit, id.
+_CREATE_WITHIN_LIMIT = _COUNT_ACTIVE + f"""
+local limit = tonumber(ARGV[5])
+if limit >= 0 and active >= limit then return {{0, active}} end
+redis.call('HSET', KEYS[2], 'spec', ARGV[2], 'state', '{JobState.queued.value}', 'ttl', ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[6])
+redis.call('HINCRBY', KEYS[3], '{JobState.queued.value}', 1)
+return {{1, active}}
+"""
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
+
+
+def _owner_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,7 @@ class JobStore:
         self.r = client
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE_WITHIN_LIMIT)
+        self._count_active = client.register_script(_COUNT_ACTIVE + "return active")
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -99,9 +109,9 @@ class JobStore:
         jobs (−1: no limit). Returns None when created, else that owner's active job count.
         The record expires `ttl_seconds` after the job ends."""
         created, active = self._create(
-            keys=[job_key(spec.id), f"{PREFIX}owner:{spec.owner}", STATS_STATES],
-            args=[spec.model_dump_json(), str(ttl_seconds), repr(spec.created_at), max_active,
-                  job_key(""), spec.id],
+            keys=[_owner_key(spec.owner), job_key(spec.id), STATS_STATES],
+            args=[job_key(""), spec.model_dump_json(), str(ttl_seconds), repr(spec.created_at), max_active,
+                  spec.id],
         )  # fmt: skip
         return None if created else int(active)
 
@@ -131,7 +141,7 @@ class JobStore:
 
     def list_for_owner(self, owner: str, limit: int = 100) -> list[JobRecord]:
         """The owner's jobs, newest first; ids whose records expired are dropped from the index."""
-        index = f"{PREFIX}owner:{owner}"
+        index = _owner_key(owner)
         ids = cast(list[str], self.r.zrevrange(index, 0, limit - 1))
         records = []
         for job_id in ids:
@@ -143,14 +153,7 @@ class JobStore:
         return records
 
     def active_count(self, owner: str) -> int:
-        ids = cast(list[str], self.r.zrange(f"{PREFIX}owner:{owner}", 0, -1))
-        if not ids:
-            return 0
-        pipe = self.r.pipeline()
-        for job_id in ids:
-            pipe.hget(job_key(job_id), "state")
-        states = pipe.execute()
-        return sum(1 for s in states if s in (JobState.queued.value, JobState.running.value))
+        return int(self._count_active(keys=[_owner_key(owner)], args=[job_key("")]))
 
     # -- state machine ---------------------------------------------------------
     def transition(
