@@ -41,9 +41,10 @@ from model.checkpoint import save_checkpoint
 from model.config import CheckpointConfig, ConfigError, Normalisation
 from model.cpu_allocator import retain_freed_memory
 from model.diffusion import GaussianDiffusion
-from model.inference import cpu_has_native_bf16
+from model.inference import resolved_precision_name
 from model.seeding import sample_seed
 from model.unet import UNetModel
+from synthmri.atomic import atomic_write
 from synthmri.cli import CliError, make_parser
 from training.config import TrainConfig, add_config_arguments, config_from_args, from_dict
 from training.ema import EMA
@@ -156,15 +157,12 @@ def accumulate_gradients(
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # bf16 autocast trains the 121 M issue config 1.9× faster than fp32 on a Zen 5 CPU;
-        # without native bf16 dot products oneDNN emulates it and it would only lose.
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+    """The autocast precision, chosen as for sampling (`auto`: bf16 on GPUs that have it and on
+    CPUs with bf16 dot products — 1.9× fp32 for the 121 M issue config on Zen 5 — else fp16 on
+    older GPUs, fp32 on other CPUs)."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
-    return precision
+    return resolved_precision_name(device, precision)
 
 
 def resolve_channels_last(value: str | bool, precision: str) -> bool:
@@ -229,12 +227,6 @@ def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset
     if ddp and is_master:
         dist.barrier()
     return result
-
-
-def write_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -417,13 +409,14 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             )
             sha = save_checkpoint(out, {k: v.detach().cpu().contiguous() for k, v in
                                         ema.model.state_dict().items()}, config)
-            write_atomic(out / TRAIN_STATE, {
+            state = {
                 "step": step, "config": cfg.to_dict(), "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs, "data_position": sampler.position(step), "data_fingerprint": fingerprint,
                 "world_size": world_size, "extra_provenance": extra_provenance,
-            })
+            }
+            atomic_write(out / TRAIN_STATE, lambda path: torch.save(state, path))
             if val is not None:
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
             from training.plots import write_loss_curve
