@@ -36,8 +36,9 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     pages = (32 << 20) // resource.getpagesize()
     # glibc's defaults map and unmap the 32 MiB temporary each time: ≥ 20 × its pages in faults.
     assert default > 10 * pages, default
-    # Kept: only the first iteration faults its pages in.
-    assert retained < 3 * pages, retained
+    # Kept: the first iteration faults its pages in, and now and then a later one faults part of
+    # them again (seen here: 1 × pages most runs, up to 3 × on a CI machine) — nowhere near 20 ×.
+    assert retained < 6 * pages and retained < default / 4, (retained, default)
 
 
 def test_it_can_be_switched_off() -> None:
