@@ -115,23 +115,44 @@ class NormAct(nn.Module):
         self.norm = nn.GroupNorm(num_groups, channels)
         self.act = act
 
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine-free GroupNorm of `x` (batch-invariant in inference)."""
+        return batch_invariant_group_norm(x, self.norm.num_groups, self.norm.eps)
+
+    def coefficients(
+        self, n: int, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 (N, C) `w, b` with output = act(x̂·w + b): γ, β and the FiLM in one multiply-add."""
+        gamma, beta = self.norm.weight.float(), self.norm.bias.float()
+        if scale_shift is None:
+            return gamma.expand(n, -1), beta.expand(n, -1)
+        # γ·x̂·(1+s) + β·(1+s) + shift = x̂·w + b with per-(sample, channel) w, b.
+        scale, shift = scale_shift
+        return gamma * (1 + scale.float()), torch.addcmul(shift.float(), beta, 1 + scale.float())
+
     def forward(
         self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        n, g, eps = x.shape[0], self.norm.num_groups, self.norm.eps
-        gamma, beta = self.norm.weight.float(), self.norm.bias.float()
-        if scale_shift is None:
-            w, b = gamma.expand(n, -1), beta.expand(n, -1)
-        else:
-            # γ·x̂·(1+s) + β·(1+s) + shift = x̂·w + b with per-(sample, channel) w, b.
-            scale, shift = scale_shift
-            w = gamma * (1 + scale.float())
-            b = torch.addcmul(shift.float(), beta, 1 + scale.float())
+        w, b = self.coefficients(x.shape[0], scale_shift)
         w4, b4 = w.to(x.dtype)[:, :, None, None], b.to(x.dtype)[:, :, None, None]
-        h = torch.addcmul(b4, batch_invariant_group_norm(x, g, eps), w4)
+        h = torch.addcmul(b4, self.normalised(x), w4)
         if not self.act:
             return h
         return F.silu(h, inplace=not torch.is_grad_enabled())
+
+
+def norm_then_conv(
+    norm: NormAct,
+    conv: nn.Module,
+    x: torch.Tensor,
+    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """conv(norm(x, scale_shift)); a convolution that takes the norm into its own input pass
+    (the int8 one: normalise, activate and quantise in one fused kernel) is given the chance."""
+    fused = getattr(conv, "forward_after_norm", None)
+    if fused is not None:
+        return fused(norm, x, scale_shift)
+    return conv(norm(x, scale_shift))
 
 
 class Downsample(nn.Module):
@@ -192,17 +213,23 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_norm(x)
-        # Resample after the norm but before the conv, as BigGAN's up/down blocks do.
-        h = self.in_conv(self._resample(h))
-        x = self._resample(x)
+        if self.up or self.down:
+            # Resample after the norm but before the conv, as BigGAN's up/down blocks do.
+            h = self.in_conv(self._resample(self.in_norm(x)))
+            x = self._resample(x)
+        else:
+            h = norm_then_conv(self.in_norm, self.in_conv, x)
         emb_out = rowwise_linear(self.emb_proj, F.silu(emb).to(param_dtype(self.emb_proj))).to(h.dtype)
+        scale_shift = None
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_norm(h, (scale, shift))
+            scale_shift = (scale, shift)
         else:
-            h = self.out_norm(h + emb_out[:, :, None, None])
-        h = self.out_conv(self.dropout(h))
+            h = h + emb_out[:, :, None, None]
+        if self.training and self.dropout.p > 0:
+            h = self.out_conv(self.dropout(self.out_norm(h, scale_shift)))
+        else:
+            h = norm_then_conv(self.out_norm, self.out_conv, h, scale_shift)
         return pointwise(self.skip, x) + h
 
 

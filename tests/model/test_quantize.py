@@ -16,7 +16,7 @@ from model.diffusion import GaussianDiffusion
 from model.inference import prepare_for_inference, resolve_precision, resolved_precision_name
 from model.quantize import Int8Conv2d, int8_supported
 from model.samplers import sample_ddim
-from model.unet import UNetModel
+from model.unet import NormAct, UNetModel
 
 needs_int8 = pytest.mark.skipif(not int8_supported(), reason="this CPU has no VNNI int8 kernels")
 
@@ -64,6 +64,64 @@ def test_int8_conv_scales_each_sample_on_its_own() -> None:
         batch = torch.cat([big, small, big]).to(dtype).contiguous(memory_format=torch.channels_last)
         together = conv(batch)
         assert together.dtype == dtype and torch.equal(together[1:2], alone)
+
+
+def _normalised_map(n: int = 4, c: int = 64) -> tuple[NormAct, torch.Tensor, tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(5)
+    norm = NormAct(16, c)
+    with torch.no_grad():
+        norm.norm.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+        norm.norm.bias.copy_(0.2 * torch.randn(c, generator=g))
+    x = (3 * torch.randn(n, c, 16, 16, generator=g) + 1).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale_shift = (0.3 * torch.randn(n, c, generator=g), 0.3 * torch.randn(n, c, generator=g))
+    return norm, x, scale_shift
+
+
+@needs_int8
+def test_norm_act_and_quantising_fused_into_the_int8_conv_match_the_unfused_ops() -> None:
+    norm, x, scale_shift = _normalised_map()
+    conv = Int8Conv2d(_conv(64, 32))
+    with torch.inference_mode():
+        fused = conv.forward_after_norm(norm, x, scale_shift)
+        unfused = conv(norm(x, scale_shift))
+    assert not quantize._fusion_failed  # inductor compiled it (a C++ compiler is part of the setup)
+    # The unfused path rounds the activations to bf16 twice before quantising: a code or two apart.
+    assert (fused.float() - unfused.float()).abs().max() < 0.02 * unfused.float().abs().max()
+    assert fused.shape == unfused.shape == (4, 32, 16, 16)
+
+
+@needs_int8
+def test_compiled_quantising_equals_the_eager_kernel_it_is_compiled_from() -> None:
+    norm, x, scale_shift = _normalised_map()
+    w, b = norm.coefficients(4, scale_shift)
+    h = norm.normalised(x)
+    with torch.inference_mode():
+        for act in (True, False):
+            codes, scale = quantize.fused(quantize.norm_act_quantise_eager, h, w, b, act)
+            eager_codes, eager_scale = quantize.norm_act_quantise_eager(h, w, b, act)
+            torch.testing.assert_close(scale, eager_scale, rtol=1e-6, atol=0)
+            # Only exp's last bit may differ (inductor's vectorised exp vs ATen's).
+            differ = codes.int() - eager_codes.int()
+            assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
+            assert codes.dtype == torch.uint8 and int(codes.min()) >= 1 and 250 <= int(codes.max()) <= 255
+
+
+@needs_int8
+def test_without_a_compiler_the_int8_conv_quantises_unfused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    _, x, _ = _normalised_map()
+    conv = Int8Conv2d(_conv(64, 32))
+    with torch.inference_mode():
+        expected = conv._convolve(*quantize.quantise_eager(x), x.dtype)
+        monkeypatch.setattr(quantize, "_compiled", lambda kernel: broken)
+        monkeypatch.setattr(quantize, "_fusion_failed", False)
+        assert torch.equal(conv(x), expected)
+    assert quantize._fusion_failed and "no working C++ compiler" in caplog.text
 
 
 def _tiny_random() -> UNetModel:
