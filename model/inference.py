@@ -34,7 +34,7 @@ from torch import nn
 from model.cpu_allocator import retain_freed_memory
 from model.cpu_features import cpu_flags
 from model.quantize import int8_supported, quantise_convolutions
-from model.unet import AttentionBlock, NormAct, ResBlock, UNetModel
+from model.unet import NormAct, ResBlock, UNetModel
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -99,17 +99,10 @@ def _keep_float32(model: nn.Module) -> list[nn.Module]:
 
 def _keep_unquantised(model: nn.Module) -> tuple[nn.Module, ...]:
     """Convolutions that stay in float under int8: the thin input layer and the head (most
-    precision-sensitive), attention projections (run as matmuls on the weights) and 1×1 skips
-    (faster as bf16 matmuls than as int8 convolutions here)."""
-    keep: list[nn.Module] = []
-    for mod in model.modules():
-        if isinstance(mod, AttentionBlock):
-            keep += [mod.qkv, mod.proj_out]
-        elif isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1):
-            keep.append(mod)
+    precision-sensitive)."""
     if isinstance(model, UNetModel):
-        keep += [model.input_blocks[0][0], model.out_conv]  # type: ignore[index]
-    return tuple(keep)
+        return (model.input_blocks[0][0], model.out_conv)  # type: ignore[index]
+    return ()
 
 
 def default_micro_batch(device: torch.device | str) -> int:

@@ -59,11 +59,22 @@ def rowwise_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.linear(x[i : i + 1], layer.weight, layer.bias) for i in range(x.shape[0])])
 
 
+def project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution applied to channels-last tokens (N, …, C) as a matmul; a layer with its
+    own token kernel (the int8 one) runs that."""
+    own = getattr(layer, "project", None)
+    if own is not None:
+        return own(tokens)
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"project needs a 1×1 convolution, got {type(layer).__name__}")
+    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+
+
 def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 1×1 convolution (or identity); on a channels_last map, as a matmul over pixels."""
-    if isinstance(layer, nn.Conv2d) and x.is_contiguous(memory_format=torch.channels_last):
-        y = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias)
-        return y.permute(0, 3, 1, 2)
+    matmul = isinstance(layer, nn.Conv2d) or hasattr(layer, "project")
+    if matmul and x.is_contiguous(memory_format=torch.channels_last):
+        return project(layer, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     return layer(x)
 
 
@@ -257,11 +268,11 @@ class AttentionBlock(nn.Module):
         # Positions as tokens: (N, H·W, C) is a free view of a channels_last map, and the 1×1
         # convolutions become plain matmuls, which oneDNN runs far faster than 1×1 convs here.
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, length, c)
-        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        qkv = project(self.qkv, tokens)
         q, k, v = qkv.view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H·W, C/heads)
         a = a.transpose(1, 2).reshape(n, length, c)
-        out = F.linear(a, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        out = project(self.proj_out, a)
         return x + out.view(n, hh, ww, c).permute(0, 3, 1, 2)
 
 

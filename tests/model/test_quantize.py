@@ -14,9 +14,9 @@ from model import quantize
 from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import prepare_for_inference, resolve_precision, resolved_precision_name
-from model.quantize import Int8Conv2d, int8_supported
+from model.quantize import Int8Conv2d, Int8Linear, int8_supported
 from model.samplers import sample_ddim
-from model.unet import NormAct, UNetModel
+from model.unet import AttentionBlock, NormAct, ResBlock, UNetModel
 
 needs_int8 = pytest.mark.skipif(not int8_supported(), reason="this CPU has no VNNI int8 kernels")
 
@@ -52,10 +52,26 @@ def test_int8_conv_matches_float_conv_including_the_zero_padded_border(stride: i
 
 
 @needs_int8
-def test_int8_conv_scales_each_sample_on_its_own() -> None:
+def test_int8_1x1_conv_matches_the_float_one() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(96, 48, 1)
+    x = F.silu(torch.randn(3, 96, 8, 8, generator=torch.Generator().manual_seed(1)) * 2)
+    ref = conv(x).detach()
+    layer = Int8Linear(conv)
+    with torch.inference_mode():
+        out = layer(x.contiguous(memory_format=torch.channels_last))
+        tokens = layer.project(x.permute(0, 2, 3, 1).reshape(3, 64, 96))
+    assert out.shape == ref.shape and torch.equal(tokens, out.permute(0, 2, 3, 1).reshape(3, 64, 48))
+    err = _rel_err(out, ref)
+    assert err.max() < 0.02 and err.mean() < 0.003, (err.max(), err.mean())
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", ["3x3", "1x1"])
+def test_int8_layers_scale_each_sample_on_its_own(kind: str) -> None:
     """A neighbour 1000× larger in the batch changes no bit of a sample (a per-batch scale would
     crush the small sample to a handful of codes)."""
-    conv = Int8Conv2d(_conv(32, 32))
+    conv = Int8Conv2d(_conv(32, 32)) if kind == "3x3" else Int8Linear(nn.Conv2d(32, 32, 1))
     g = torch.Generator().manual_seed(2)
     small = torch.randn(1, 32, 8, 8, generator=g)
     big = 1000 * torch.randn(1, 32, 8, 8, generator=g)
@@ -143,6 +159,13 @@ def test_int8_unet_quantises_the_body_and_stays_close_to_float32() -> None:
     assert isinstance(prepared, UNetModel)
     int8 = [m for m in prepared.modules() if isinstance(m, Int8Conv2d)]
     assert len(int8) >= 10
+    # Attention projections and 1×1 skips run as int8 matmuls.
+    blocks = [m for m in prepared.modules() if isinstance(m, AttentionBlock)]
+    res_blocks = [m for m in prepared.modules() if isinstance(m, ResBlock)]
+    skips = [m.skip for m in res_blocks if not isinstance(m.skip, nn.Identity)]
+    assert blocks and skips
+    assert all(isinstance(b.qkv, Int8Linear) and isinstance(b.proj_out, Int8Linear) for b in blocks)
+    assert all(isinstance(s, Int8Linear) for s in skips)
     # The thin input layer and the head stay float.
     assert isinstance(prepared.input_blocks[0][0], nn.Conv2d) and isinstance(prepared.out_conv, nn.Conv2d)
     x, t = torch.randn(4, 2, 32, 32), torch.tensor([0, 300, 600, 999])
