@@ -65,6 +65,13 @@ def quantise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _codes(x.float())
 
 
+def quantise_tokens_eager(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of (…, C) tokens with one scale per token, shape (…, 1)."""
+    y = tokens.float()
+    scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / QMAX
+    return (y * (1 / scale) + (ZERO_POINT + 0.5)).to(torch.uint8), scale
+
+
 def norm_act_quantise_eager(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +195,12 @@ class Int8Linear(nn.Module):
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, …, C_in) → (N, …, C_out)."""
-        codes, scale = fused(quantise_eager, tokens)
+        codes, scale = fused(quantise_tokens_eager, tokens)
         y = torch.ops.onednn.qlinear_pointwise(
             codes.reshape(-1, self.in_channels), 1.0, ZERO_POINT, self.packed, self.w_scale,
             self.w_zero_point, None, 1.0, 0, tokens.dtype, "none", [], "",
         ).view(*tokens.shape[:-1], self.out_channels)  # fmt: skip
-        return torch.addcmul(self.bias.to(y.dtype), y, per_sample(scale.to(y.dtype), y.ndim))
+        return torch.addcmul(self.bias.to(y.dtype), y, scale.to(y.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
