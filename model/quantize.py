@@ -34,8 +34,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QMAX = 127  # symmetric codes -127..127 around the zero point
-ZERO_POINT = 128
+QMAX = 127  # symmetric int8 weight codes -127..127
+ZERO_POINT = 128  # activation code of 0.0 for inputs that spread around zero
+# SiLU outputs lie in [-0.28, max]: with 0.0 at code 32 the positive side gets 223 codes, not
+# 127, so the step is ≈1.75× finer (set by the sample's max, or by its min when that needs more).
+SILU_ZERO_POINT = 32
+LEVELS = 255
 
 
 def cpu_has_vnni() -> bool:
@@ -48,37 +52,46 @@ def int8_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(ops, "qconv2d_pointwise") and cpu_has_vnni()
 
 
-def _codes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of a float32 map with one scale per sample: round(y / s) + 128, s = max|y| / 127."""
-    scale = y.abs().amax(dim=tuple(range(1, y.ndim))).clamp_min(1e-12) / QMAX
-    # Truncating y/s + 128.5 (always ≥ 1.5) rounds half up.
-    return (y * per_sample(1 / scale, y.ndim) + (ZERO_POINT + 0.5)).to(torch.uint8), scale
-
-
-def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(N,) values shaped to broadcast over an N-first tensor of `ndim` dimensions."""
-    return values.view(-1, *(1,) * (ndim - 1))
+def _codes(
+    y: torch.Tensor, dims: tuple[int, ...], zero_point: int = ZERO_POINT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of float32 `y`, one step per slice over `dims` (keepdim): 0.0 is code
+    `zero_point` (the code oneDNN pads with), and the step is the finest one that fits the
+    slice's max above it and its min below it."""
+    step = torch.maximum(
+        y.amax(dim=dims, keepdim=True) / (LEVELS - zero_point), y.amin(dim=dims, keepdim=True) / -zero_point
+    ).clamp_min(1e-12)
+    # Truncating y/step + zero point + 0.5 (within [0.5, 255.5]) rounds half up.
+    return (y * (1 / step) + (zero_point + 0.5)).to(torch.uint8), step
 
 
 def quantise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample uint8 codes and float32 scales of `x`."""
-    return _codes(x.float())
+    """Per-sample uint8 codes and float32 steps (N, 1, 1, 1) of a map `x`, 0.0 at code 128."""
+    return _codes(x.float(), (1, 2, 3))
 
 
 def quantise_tokens_eager(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of (…, C) tokens with one scale per token, shape (…, 1)."""
-    y = tokens.float()
-    scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / QMAX
-    return (y * (1 / scale) + (ZERO_POINT + 0.5)).to(torch.uint8), scale
+    """uint8 codes of (…, C) tokens with one step per token, shape (…, 1); 0.0 at code 128."""
+    return _codes(tokens.float(), (-1,))
 
 
 def norm_act_quantise_eager(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of act(h·w + b) for a normalised map `h` and float32 (N, C) `w`, `b`,
-    computed in float32 (the unfused bf16 path rounds twice more on the way)."""
+    """Codes and steps of act(h·w + b) for a normalised map `h` and float32 (N, C) `w`, `b`,
+    computed in float32 (the unfused bf16 path rounds twice more on the way); 0.0 is code
+    `input_zero_point(act)`."""
     y = torch.addcmul(b[:, :, None, None], h.float(), w[:, :, None, None])
-    return _codes(F.silu(y) if act else y)
+    return _codes(F.silu(y), (1, 2, 3), SILU_ZERO_POINT) if act else _codes(y, (1, 2, 3))
+
+
+def input_zero_point(silu: bool) -> int:
+    return SILU_ZERO_POINT if silu else ZERO_POINT
+
+
+def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(N,) values shaped to broadcast over an N-first tensor of `ndim` dimensions."""
+    return values.view(-1, *(1,) * (ndim - 1))
 
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -127,43 +140,46 @@ class Int8Conv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.qweight, self.w_scale = _int8_weights(conv.weight)
         self.w_zero_point = torch.zeros(conv.out_channels, dtype=torch.int64)
-        self._packed: dict[tuple[int, int], torch.Tensor] = {}
+        self._packed: dict[tuple[int, int, int], torch.Tensor] = {}
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
         self.bias = bias.float().cpu()
 
-    def packed(self, height: int, width: int) -> torch.Tensor:
+    def packed(self, height: int, width: int, zero_point: int) -> torch.Tensor:
         """The weights in oneDNN's blocked layout for this feature-map size (2.3× faster than a
         shape-agnostic packing on 8×8 maps); any batch size can use it, the arithmetic is exact."""
-        key = (height, width)
+        key = (height, width, zero_point)
         if key not in self._packed:
-            # The input scale is 1: the per-sample scale is applied to the output instead.
+            # The input scale is 1: the per-sample step is applied to the output instead.
             self._packed[key] = torch.ops.onednn.qconv_prepack(
-                self.qweight, self.w_scale, 1.0, ZERO_POINT, self.stride, self.padding, self.dilation,
+                self.qweight, self.w_scale, 1.0, zero_point, self.stride, self.padding, self.dilation,
                 self.groups, [1, self.in_channels, height, width],
-            )
+            )  # fmt: skip
         return self._packed[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, scale = fused(quantise_eager, x)
-        return self._convolve(codes, scale, x.dtype)
+        codes, step = fused(quantise_eager, x)
+        return self._convolve(codes, step, ZERO_POINT, x.dtype)
 
     def forward_after_norm(
         self, norm: NormAct, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         """self(norm(x, scale_shift)) with the norm's affine, FiLM and SiLU fused into the quantising."""
         w, b = norm.coefficients(x.shape[0], scale_shift)
-        codes, scale = fused(norm_act_quantise_eager, norm.normalised(x), w, b, norm.act)
-        return self._convolve(codes, scale, x.dtype)
+        codes, step = fused(norm_act_quantise_eager, norm.normalised(x), w, b, norm.act)
+        return self._convolve(codes, step, input_zero_point(norm.act), x.dtype)
 
-    def _convolve(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _convolve(
+        self, codes: torch.Tensor, step: torch.Tensor, zero_point: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # oneDNN pads with code `zero_point`, i.e. with 0.0, as a float convolution does.
         codes = codes.contiguous(memory_format=torch.channels_last)
+        packed = self.packed(codes.shape[2], codes.shape[3], zero_point)
         y = torch.ops.onednn.qconv2d_pointwise(
-            codes, 1.0, ZERO_POINT, self.packed(*codes.shape[2:]), self.w_scale, self.w_zero_point, None,
-            self.stride, self.padding, self.dilation, self.groups,
-            1.0, 0, dtype, "none", [], "",
+            codes, 1.0, zero_point, packed, self.w_scale, self.w_zero_point, None,
+            self.stride, self.padding, self.dilation, self.groups, 1.0, 0, dtype, "none", [], "",
         )  # fmt: skip
         bias = self.bias.to(y.dtype).view(1, -1, 1, 1)
-        return torch.addcmul(bias, y, per_sample(scale.to(y.dtype), 4))
+        return torch.addcmul(bias, y, step.to(y.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, int8"
