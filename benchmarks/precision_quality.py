@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = load_checkpoint(args.model)
     diffusion = GaussianDiffusion.from_config(ckpt.config.diffusion)
-    x0 = held_out_slices(ckpt.config.channel_set, ckpt.config.image_size, args.subjects, args.seed, args.slices)
+    cfg = ckpt.config
+    x0 = held_out_slices(cfg.channel_set, cfg.image_size, args.subjects, args.seed, args.slices)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     timesteps = [int(t) for t in args.timesteps.split(",")]
     precisions = ["fp32"]
@@ -72,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             eps = fn(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
             mse[name].append(((eps - noise) ** 2).mean().item())
 
-    print(f"{args.model}: ε-MSE on {len(x0)} slices of {args.subjects} unseen phantom subjects (seed {args.seed})")
+    print(f"{args.model}: ε-MSE on {len(x0)} slices of {args.subjects} unseen phantom subjects "
+          f"(seed {args.seed})")
     print("| t | " + " | ".join(precisions) + " |")
     print("|---" * (len(precisions) + 1) + "|")
     for i, t_value in enumerate(timesteps):
         ref = mse["fp32"][i]
-        cells = [f"{ref:.5f}"] + [f"{mse[p][i]:.5f} ({(mse[p][i] / ref - 1) * 100:+.1f} %)" for p in precisions[1:]]
+        cells = [f"{ref:.5f}"]
+        cells += [f"{mse[p][i]:.5f} ({(mse[p][i] / ref - 1) * 100:+.1f} %)" for p in precisions[1:]]
         print(f"| {t_value} | " + " | ".join(cells) + " |")
     return 0
 

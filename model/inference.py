@@ -17,9 +17,11 @@ What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md
 - optional `torch.compile` (inductor, weight freezing); off by default because the
   compile takes minutes for the research-size nets and buys little on CPU, where the
   convolutions already dominate.
-- opt-in precision "int8" (CPU with VNNI): the bf16 body with its 3×3 convolutions in
-  oneDNN int8, per-sample activation scales (model/quantize.py) — ≈1.3× over bf16 for
-  the 121 M nets, still batch-invariant, at a measured quality cost.
+- opt-in precision "int8" (CPU with VNNI): the bf16 body with its convolutions and
+  attention/skip projections in oneDNN int8, per-sample activation steps and the norm +
+  SiLU + quantising fused by inductor (model/quantize.py) — ≈1.5× over bf16 for the 121 M
+  nets, still batch-invariant, at a measured quality cost; its first call compiles the
+  fused kernels (≈15 s cold, seconds with inductor's on-disk cache).
 """
 
 from __future__ import annotations

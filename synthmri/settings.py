@@ -88,8 +88,10 @@ class Settings(BaseSettings):
         description="Worker arithmetic of the network body: `auto` takes bf16 on GPUs and on CPUs "
         "with native bf16 (≈2× faster, batch-invariant), else fp32; fp16 only on CUDA (a CPU "
         "worker uses `auto` instead); `int8` (opt-in, CPUs with VNNI; a CUDA worker uses `auto`) "
-        "runs the 3×3 convolutions in int8: ≈1.3× over bf16 for the 121 M-parameter nets at a small "
-        "quality cost (benchmarks/RESULTS.md). Samples are reproducible for a fixed device and precision.",
+        "runs convolutions and attention/skip projections in int8 with fused quantising: ≈1.5× over "
+        "bf16 for the 121 M-parameter nets at a small quality cost (benchmarks/RESULTS.md); the "
+        "first job per process compiles the fused kernels. Samples are reproducible for a fixed "
+        "device and precision.",
     )
     progress_interval_seconds: float = Field(
         default=0.5, ge=0.05, description="Minimum time between progress writes to a job record."
