@@ -43,7 +43,7 @@ ZERO_POINT = 128  # activation code of 0.0 for inputs that spread around zero
 # SiLU outputs lie in [-0.28, max]: with 0.0 at code 32 the positive side gets 223 codes, not
 # 127, so the step is ≈1.75× finer (set by the sample's max, or by its min when that needs more).
 SILU_ZERO_POINT = 32
-LEVELS = 255
+LEVELS = 255  # uint8 activation codes 0..255
 
 
 def cpu_has_vnni() -> bool:
@@ -117,9 +117,10 @@ def fused(kernel: Kernel, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `kernel` as one inductor-fused pass: read the map, write uint8 codes; no float32
     temporaries. Unfused it takes 6–8 passes over the map (≈15 % of an int8 forward).
 
-    Why this is batch-invariant: the kernels are elementwise except the per-sample max, which
-    is exact in any order. Falls back to the eager kernel (same arithmetic; its exp may differ
-    in the last bit) where inductor cannot compile, e.g. without a C++ compiler.
+    Why this is batch-invariant: the kernels are elementwise except the per-sample (or
+    per-token) max and min, which are exact in any order. Falls back to the eager kernel
+    (same arithmetic; its exp may differ in the last bit) where inductor cannot compile, e.g.
+    without a C++ compiler.
     """
     global _fusion_failed
     compiled = None if _fusion_failed else _compiled(kernel)
@@ -199,8 +200,9 @@ def _int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A frozen 1×1 convolution run as oneDNN's u8×s8 matmul over the channels of each position
     (attention projections, skip convolutions): 2× the rate of the bf16 matmul here (≈1.8 vs
-    ≈0.9 TOP/s at 2048×384×1152). Same scheme as Int8Conv2d: per-sample activation scales,
-    exact integer sums, scale and bias applied per element — batch-invariant."""
+    ≈0.9 TOP/s at 2048×384×1152). Same scheme as Int8Conv2d but one activation step per token
+    (a matmul keeps tokens apart, and per token is more accurate): exact integer sums, step and
+    bias applied per element — batch-invariant."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -215,12 +217,12 @@ class Int8Linear(nn.Module):
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, …, C_in) → (N, …, C_out)."""
-        codes, scale = fused(quantise_tokens_eager, tokens)
+        codes, step = fused(quantise_tokens_eager, tokens)
         y = torch.ops.onednn.qlinear_pointwise(
             codes.reshape(-1, self.in_channels), 1.0, ZERO_POINT, self.packed, self.w_scale,
             self.w_zero_point, None, 1.0, 0, tokens.dtype, "none", [], "",
         ).view(*tokens.shape[:-1], self.out_channels)  # fmt: skip
-        return torch.addcmul(self.bias.to(y.dtype), y, scale.to(y.dtype))
+        return torch.addcmul(self.bias.to(y.dtype), y, step.to(y.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
