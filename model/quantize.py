@@ -43,6 +43,7 @@ ZERO_POINT = 128  # activation code of 0.0 for inputs that spread around zero
 # SiLU outputs lie in [-0.28, max]: with 0.0 at code 32 the positive side gets 223 codes, not
 # 127, so the step is ≈1.75× finer (set by the sample's max, or by its min when that needs more).
 SILU_ZERO_POINT = 32
+SILU_ARGMIN = -1.2784645  # where SiLU has its minimum, -0.2784645
 LEVELS = 255  # uint8 activation codes 0..255
 
 
@@ -62,9 +63,14 @@ def _codes(
     """uint8 codes of float32 `y`, one step per slice over `dims` (keepdim): 0.0 is code
     `zero_point` (the code oneDNN pads with), and the step is the finest one that fits the
     slice's max above it and its min below it."""
-    step = torch.maximum(
-        y.amax(dim=dims, keepdim=True) / (LEVELS - zero_point), y.amin(dim=dims, keepdim=True) / -zero_point
-    ).clamp_min(1e-12)
+    return _codes_in_range(y, y.amin(dim=dims, keepdim=True), y.amax(dim=dims, keepdim=True), zero_point)
+
+
+def _codes_in_range(
+    y: torch.Tensor, low: torch.Tensor, high: torch.Tensor, zero_point: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of `y` whose values lie within [low, high] (broadcast), 0.0 at code `zero_point`."""
+    step = torch.maximum(high / (LEVELS - zero_point), low / -zero_point).clamp_min(1e-12)
     # Truncating y/step + zero point + 0.5 (within [0.5, 255.5]) rounds half up.
     return (y * (1 / step) + (zero_point + 0.5)).to(torch.uint8), step
 
@@ -85,8 +91,17 @@ def norm_act_quantise_eager(
     """Codes and steps of act(h·w + b) for a normalised map `h` and float32 (N, C) `w`, `b`,
     computed in float32 (the unfused bf16 path rounds twice more on the way); 0.0 is code
     `input_zero_point(act)`."""
-    y = torch.addcmul(b[:, :, None, None], h.float(), w[:, :, None, None])
-    return _codes(F.silu(y), (1, 2, 3), SILU_ZERO_POINT) if act else _codes(y, (1, 2, 3))
+    z = torch.addcmul(b[:, :, None, None], h.float(), w[:, :, None, None])
+    if not act:
+        return _codes(z, (1, 2, 3))
+    # The range of SiLU over a sample follows from the range of its input (SiLU falls to its
+    # minimum at SILU_ARGMIN, then rises), so the reduction pass reads z = h·w + b, cheap to
+    # recompute, and the exp runs once, in the coding pass: inductor then keeps no float32 copy
+    # of the map (reading it back was 3× the traffic of the fused kernel).
+    z_min, z_max = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
+    low = F.silu(z_min.clamp(min=SILU_ARGMIN).minimum(z_max))
+    high = torch.maximum(F.silu(z_min), F.silu(z_max))
+    return _codes_in_range(F.silu(z), low, high, SILU_ZERO_POINT)
 
 
 def input_zero_point(silu: bool) -> int:
