@@ -100,7 +100,9 @@ def norm_act_quantise_eager(
     # of the map (reading it back was 3× the traffic of the fused kernel).
     z_min, z_max = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
     low = F.silu(z_min.clamp(min=SILU_ARGMIN).minimum(z_max))
-    high = torch.maximum(F.silu(z_min), F.silu(z_max))
+    # The max is SiLU(z_max) when z_max ≥ 0; below, every value is negative and the step is
+    # set by `low` alone.
+    high = F.silu(z_max)
     return _codes_in_range(F.silu(z), low, high, SILU_ZERO_POINT)
 
 

@@ -116,10 +116,18 @@ def test_norm_act_fused_into_the_int8_conv_is_closer_to_float_than_the_unfused_o
 
 
 @needs_int8
-@pytest.mark.parametrize("act", [True, False])
-def test_quantising_codes_each_value_to_the_nearest_step_and_uses_the_range(act: bool) -> None:
+@pytest.mark.parametrize(
+    ("act", "gain", "shift"),
+    [(True, 1.0, 0.0), (True, 1.0, 4.0), (True, 1.0, -7.0), (True, 0.3, -0.8), (False, 1.0, 0.0)],
+)
+def test_quantising_codes_each_value_to_the_nearest_step_and_uses_the_range(
+    act: bool, gain: float, shift: float
+) -> None:
+    """SiLU's range is derived from its input's: inputs wholly above or below SiLU's minimum at
+    -1.28 (shift 4, -7), and inputs around it whose negative tail sets the step (0.3, -0.8)."""
     norm, x, scale_shift = _normalised_map()
     w, b = norm.coefficients(4, scale_shift)
+    w, b = w * gain, b * gain + shift
     h = norm.normalised(x)
     zero = quantize.input_zero_point(act)
     with torch.inference_mode():
