@@ -12,9 +12,10 @@ element. No step mixes samples, so sample i is bit-identical whatever the batch.
 per-sample steps also follow the activations' range across timesteps, which static
 calibrated scales would not (Q-Diffusion, Li et al. 2023).
 
-Speed comes from fusing: a ResBlock's GroupNorm affine + FiLM + SiLU and the quantising of
-their output run as one inductor-compiled pass (`fused`) that writes the uint8 codes, so
-the int8 path spends little besides the integer kernels. Quality: 0.0 sits at code 128 for
+Speed comes from fusing: a ResBlock's GroupNorm statistics are one inductor-compiled pass
+that folds them into the affine + FiLM, and that affine, the SiLU and the quantising are a
+second (`fused`) that writes the uint8 codes — the normalised map is never written, so the
+int8 path spends little besides the integer kernels. Quality: 0.0 sits at code 128 for
 inputs spread around zero but at code 32 for SiLU outputs, which are ≥ -0.28, so their
 positive side gets 223 codes instead of 127. The error is still larger than bf16's (see
 benchmarks/RESULTS.md): this is the "int8" precision, opt-in.
@@ -85,12 +86,30 @@ def quantise_tokens_eager(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return _codes(tokens.float(), (-1,))
 
 
-def norm_act_quantise_eager(
+def group_norm_coefficients_eager(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float32 `w'`, `b'` with x·w' + b' = GroupNorm(x)·w + b: the statistics folded into
+    the affine, so the normalised map is never written. Per-channel sums and sums of squares
+    are one vectorised pass over a channels_last map (3.5× faster than ATen's GroupNorm here,
+    which also writes its output in bf16); accumulated in float32, 2e-5 from a float64
+    GroupNorm on activations of mean 2, std 3."""
+    n, c, height, width = x.shape
+    xf = x.float()
+    count = height * width * (c // groups)
+    total = xf.sum(dim=(2, 3)).view(n, groups, -1).sum(-1, keepdim=True)
+    squares = (xf * xf).sum(dim=(2, 3)).view(n, groups, -1).sum(-1, keepdim=True)
+    mean = total / count
+    rstd = torch.rsqrt((squares / count - mean * mean).clamp_min(0) + eps)
+    scale = w.view(n, groups, -1) * rstd
+    return scale.view(n, c), (b.view(n, groups, -1) - mean * scale).view(n, c)
+
+
+def act_quantise_eager(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and steps of act(h·w + b) for a normalised map `h` and float32 (N, C) `w`, `b`,
-    computed in float32 (the unfused bf16 path rounds twice more on the way); 0.0 is code
-    `input_zero_point(act)`."""
+    """Codes and steps of act(h·w + b) for a map `h` and float32 (N, C) `w`, `b`, computed in
+    float32; 0.0 is code `input_zero_point(act)`."""
     z = torch.addcmul(b[:, :, None, None], h.float(), w[:, :, None, None])
     if not act:
         return _codes(z, (1, 2, 3))
@@ -134,10 +153,11 @@ def fused(kernel: Kernel, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `kernel` as one inductor-fused pass: read the map, write uint8 codes; no float32
     temporaries. Unfused it takes 6–8 passes over the map (≈15 % of an int8 forward).
 
-    Why this is batch-invariant: the kernels are elementwise except the per-sample (or
-    per-token) max and min, which are exact in any order. Falls back to the eager kernel
-    (same arithmetic; its exp may differ in the last bit) where inductor cannot compile, e.g.
-    without a C++ compiler.
+    Why this is batch-invariant: the kernels are elementwise except per-sample (or per-token)
+    max and min, exact in any order, and the GroupNorm sums, which inductor accumulates for each
+    sample in one thread in a fixed order whatever the batch (tested, batch 1 included). Falls
+    back to the eager kernel (same arithmetic; its exp may differ in the last bit) where
+    inductor cannot compile, e.g. without a C++ compiler.
     """
     global _fusion_failed
     compiled = None if _fusion_failed else _compiled(kernel)
@@ -187,7 +207,8 @@ class Int8Conv2d(nn.Module):
     ) -> torch.Tensor:
         """self(norm(x, scale_shift)) with the norm's affine, FiLM and SiLU fused into the quantising."""
         w, b = norm.coefficients(x.shape[0], scale_shift)
-        codes, step = fused(norm_act_quantise_eager, norm.normalised(x), w, b, norm.act)
+        w, b = fused(group_norm_coefficients_eager, x, w, b, norm.norm.num_groups, norm.norm.eps)
+        codes, step = fused(act_quantise_eager, x, w, b, norm.act)
         return self._convolve(codes, step, input_zero_point(norm.act), x.dtype)
 
     def _convolve(

@@ -116,6 +116,24 @@ def test_norm_act_fused_into_the_int8_conv_is_closer_to_float_than_the_unfused_o
 
 
 @needs_int8
+def test_group_norm_folded_into_the_affine_matches_group_norm_and_is_batch_invariant() -> None:
+    g = torch.Generator().manual_seed(6)
+    # Residual-stream-like activations: a mean well away from zero, as in the UNet's trunk.
+    x = (3 * torch.randn(5, 64, 32, 32, generator=g) + 2).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = 1 + 0.2 * torch.randn(5, 64, generator=g), 0.2 * torch.randn(5, 64, generator=g)
+    kernel = quantize.group_norm_coefficients_eager
+    with torch.inference_mode():
+        w2, b2 = quantize.fused(kernel, x, w, b, 16, 1e-5)
+        alone = [quantize.fused(kernel, x[i : i + 1], w[i : i + 1], b[i : i + 1], 16, 1e-5) for i in range(5)]
+    ref = F.group_norm(x.double(), 16, eps=1e-5) * w.double()[:, :, None, None] + b.double()[:, :, None, None]
+    folded = x.double() * w2.double()[:, :, None, None] + b2.double()[:, :, None, None]
+    assert (folded - ref).abs().max() < 1e-4, (folded - ref).abs().max()
+    for i, (wi, bi) in enumerate(alone):
+        assert torch.equal(wi, w2[i : i + 1]) and torch.equal(bi, b2[i : i + 1]), i
+
+
+@needs_int8
 @pytest.mark.parametrize(
     ("act", "gain", "shift"),
     [(True, 1.0, 0.0), (True, 1.0, 4.0), (True, 1.0, -7.0), (True, 0.3, -0.8), (False, 1.0, 0.0)],
@@ -131,8 +149,8 @@ def test_quantising_codes_each_value_to_the_nearest_step_and_uses_the_range(
     h = norm.normalised(x)
     zero = quantize.input_zero_point(act)
     with torch.inference_mode():
-        codes, step = quantize.fused(quantize.norm_act_quantise_eager, h, w, b, act)
-        eager_codes, eager_step = quantize.norm_act_quantise_eager(h, w, b, act)
+        codes, step = quantize.fused(quantize.act_quantise_eager, h, w, b, act)
+        eager_codes, eager_step = quantize.act_quantise_eager(h, w, b, act)
         y = torch.addcmul(b[:, :, None, None], h.float(), w[:, :, None, None])
         y = F.silu(y) if act else y
     torch.testing.assert_close(step, eager_step, rtol=1e-6, atol=0)
