@@ -19,7 +19,7 @@ What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md
   convolutions already dominate.
 - opt-in precision "int8" (CPU with VNNI): the bf16 body with its convolutions and
   attention/skip projections in oneDNN int8, per-sample activation steps and the norm +
-  SiLU + quantising fused by inductor (model/quantize.py) — ≈1.5× over bf16 for the 121 M
+  SiLU + quantising fused by inductor (model/quantize.py) — ≈1.6× over bf16 for the 121 M
   nets, still batch-invariant, at a measured quality cost; its first call compiles the
   fused kernels (≈15 s cold, seconds with inductor's on-disk cache).
 """

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         description="Worker arithmetic of the network body: `auto` takes bf16 on GPUs and on CPUs "
         "with native bf16 (≈2× faster, batch-invariant), else fp32; fp16 only on CUDA (a CPU "
         "worker uses `auto` instead); `int8` (opt-in, CPUs with VNNI; a CUDA worker uses `auto`) "
-        "runs convolutions and attention/skip projections in int8 with fused quantising: ≈1.5× over "
+        "runs convolutions and attention/skip projections in int8 with fused quantising: ≈1.6× over "
         "bf16 for the 121 M-parameter nets at a small quality cost (benchmarks/RESULTS.md); the "
         "first job per process compiles the fused kernels. Samples are reproducible for a fixed "
         "device and precision.",
