@@ -150,8 +150,9 @@ _fusion_failed = False
 
 
 def fused(kernel: Kernel, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `kernel` as one inductor-fused pass: read the map, write uint8 codes; no float32
-    temporaries. Unfused it takes 6–8 passes over the map (≈15 % of an int8 forward).
+    """Run one of the `*_eager` kernels above compiled by inductor: it reads the map once or twice
+    and writes only codes (or coefficients), no float32 temporaries. Unfused, norm + SiLU +
+    quantising took 6–8 passes over the map (≈15 % of an int8 forward).
 
     Why this is batch-invariant: the kernels are elementwise except per-sample (or per-token)
     max and min, exact in any order, and the GroupNorm sums, which inductor accumulates for each
