@@ -129,11 +129,6 @@ def input_zero_point(silu: bool) -> int:
     return SILU_ZERO_POINT if silu else ZERO_POINT
 
 
-def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(N,) values shaped to broadcast over an N-first tensor of `ndim` dimensions."""
-    return values.view(-1, *(1,) * (ndim - 1))
-
-
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -232,8 +227,8 @@ class Int8Conv2d(nn.Module):
 def _int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of a weight per output channel (dim 0), and their float32 scales."""
     w = weight.detach().float().cpu()
-    scale = w.abs().amax(dim=tuple(range(1, w.ndim))).clamp_min(1e-12) / QMAX
-    return torch.round(w / per_sample(scale, w.ndim)).clamp(-QMAX, QMAX).to(torch.int8), scale
+    scale = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True).clamp_min(1e-12) / QMAX
+    return torch.round(w / scale).clamp(-QMAX, QMAX).to(torch.int8), scale.flatten()
 
 
 class Int8Linear(nn.Module):
