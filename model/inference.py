@@ -83,7 +83,7 @@ def resolved_precision_name(device: torch.device | str, precision: str = "auto")
     dtype = resolve_precision(device, precision)
     if precision == "int8":
         return "int8"
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return next(name for name, d in _DTYPES.items() if d == dtype)
 
 
 def _keep_float32(model: nn.Module) -> list[nn.Module]:
