@@ -180,14 +180,16 @@ def bench_batch(
     return out
 
 
-def output_error(paths: dict[str, ModelFn], cfg: ModelConfig, device: torch.device, name: str) -> float:
+def output_errors(
+    paths: dict[str, ModelFn], cfg: ModelConfig, device: torch.device, names: list[str]
+) -> dict[str, float]:
     """Max |paths[name] − eager| over a batch of 4, relative to the eager output's range."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(4, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     t = torch.tensor([0, 300, 600, 999], device=device)
     ref = paths["eager"](x, t).float()
-    opt = paths[name](x, t).float()
-    return float((opt - ref).abs().max() / (ref.max() - ref.min()))
+    span = ref.max() - ref.min()
+    return {name: float((paths[name](x, t).float() - ref).abs().max() / span) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,14 +235,15 @@ def main(argv: list[str] | None = None) -> int:
             paths["int8"] = prepare_for_inference(copy.deepcopy(base), device, precision="int8")
         if args.reference is not None:
             paths["reference"] = reference_path(args.reference, cfg)
-        err = output_error(paths, cfg, device, "optimised")
+        fast = [n for n in ("optimised", "int8") if n in paths]
+        err = output_errors(paths, cfg, device, fast)
         print(
             f"\n{size}²  channel_mult {cfg.channel_mult}  {n_params / 1e6:.1f} M params  optimised: "
             f"{str(opt.dtype).removeprefix('torch.')}, micro-batch {opt.micro_batch or 'off'}"
-            f"{', compiled' if args.compile else ''}; max |opt − eager| = {err:.1e} of the output range"
-            + (f"; max |int8 − eager| = {output_error(paths, cfg, device, 'int8'):.1e}" if args.int8 else "")
+            f"{', compiled' if args.compile else ''}; max |opt − eager| = {err['optimised']:.1e} "
+            "of the output range"
+            + (f"; max |int8 − eager| = {err['int8']:.1e}" if args.int8 else "")
         )
-        fast = [n for n in ("optimised", "int8") if n in paths]
         slow = [n for n in ("eager", "reference") if n in paths]
         header = f"{'batch':>5}  " + "  ".join(f"{n + ' img·st/s':>22} {'peak MiB':>8}" for n in paths)
         print(header + "".join(f"   {a[:3]}/{b[:3]}" for a in fast for b in slow))
