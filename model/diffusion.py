@@ -1,9 +1,11 @@
 """Gaussian diffusion process (Ho et al. 2020) with learned-range variance and the hybrid loss.
 
-Follows Nichol & Dhariwal 2021 ("Improved DDPM"): ε-prediction, Σ_θ = exp(v log β_t +
-(1 − v) log β̃_t) with the network's v ∈ [-1, 1] mapped to [0, 1], and
-L_hybrid = L_simple + λ·L_vlb where L_vlb only trains the variance (stop-gradient on ε).
-The class owns the float64 schedule tensors; the network is passed into every method.
+Follows Nichol & Dhariwal 2021 ("Improved DDPM"): Σ_θ = exp(u log β_t + (1 − u) log β̃_t)
+with the network's variance output u ∈ [-1, 1] mapped to [0, 1], and L_hybrid = L_simple +
+λ·L_vlb where L_vlb only trains the variance (stop-gradient on the mean). The mean output
+predicts ε (Ho et al.) or the velocity v = α_t ε − σ_t x_0 (Salimans & Ho 2022), and
+L_simple can be re-weighted per timestep (min-SNR-γ, Hang et al. 2023). The class owns
+the float64 schedule tensors; the network is passed into every method.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from model.config import DiffusionConfig
 COSINE_S = 0.008  # Nichol & Dhariwal eq. 17 offset: keeps β_0 from being vanishingly small
 MAX_BETA = 0.999  # cosine β clip: avoids the singularity at t = T
 LOSSES = ("hybrid", "mse")
+PREDICTIONS = ("eps", "v")
+WEIGHTINGS = ("eps", "v", "min-snr")
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -124,6 +128,9 @@ class GaussianDiffusion:
         loss: str = "hybrid",
         lambda_vlb: float = 0.001,
         timestep_map: Tensor | Sequence[int] | None = None,
+        prediction: str = "eps",
+        weighting: str = "eps",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().flatten()
         if b.numel() < 1:
@@ -139,6 +146,15 @@ class GaussianDiffusion:
             raise ValueError("the hybrid loss needs learn_sigma=True (L_vlb only trains the variance)")
         if lambda_vlb < 0:
             raise ValueError(f"lambda_vlb must be ≥ 0, got {lambda_vlb}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.prediction = prediction
+        self.weighting = weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.betas = b
         self.learn_sigma = bool(learn_sigma)
         self.loss = loss
@@ -163,6 +179,16 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = b * ab_prev.sqrt() / (1.0 - ab)
         self.posterior_mean_coef2 = (1.0 - ab_prev) * alphas.sqrt() / (1.0 - ab)
+        self.mse_weights = self._mse_weights(ab / (1.0 - ab))
+
+    def _mse_weights(self, snr: Tensor) -> Tensor:
+        """Per-step weight of ‖target − output‖² that makes L_simple `w(SNR)·‖x_0 − x̂_0‖²`.
+
+        ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖², so each weighting
+        is divided by the native target's own factor.
+        """
+        x0_weight = {"eps": snr, "v": snr + 1.0, "min-snr": snr.clamp(max=self.min_snr_gamma)}[self.weighting]
+        return x0_weight / (snr if self.prediction == "eps" else snr + 1.0)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
@@ -172,12 +198,16 @@ class GaussianDiffusion:
             learn_sigma=cfg.learn_sigma,
             loss=cfg.loss,
             lambda_vlb=cfg.lambda_vlb,
+            prediction=cfg.prediction,
+            weighting=cfg.weighting,
+            min_snr_gamma=cfg.min_snr_gamma,
         )
 
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(T={self.num_timesteps}, learn_sigma={self.learn_sigma}, "
-            f"loss={self.loss!r}, lambda_vlb={self.lambda_vlb})"
+            f"loss={self.loss!r}, lambda_vlb={self.lambda_vlb}, prediction={self.prediction!r}, "
+            f"weighting={self.weighting!r})"
         )
 
     # ------------------------------------------------------------------ respacing
@@ -200,6 +230,9 @@ class GaussianDiffusion:
             loss=self.loss,
             lambda_vlb=self.lambda_vlb,
             timestep_map=self.timestep_map[idx],
+            prediction=self.prediction,
+            weighting=self.weighting,
+            min_snr_gamma=self.min_snr_gamma,
         )
 
     # ------------------------------------------------------------------ q
@@ -230,7 +263,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ p
     def split_model_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The network output → (ε̂, v) with v None when σ is fixed."""
+        """The network output → (mean output: ε̂ or v̂, variance output u) with u None when σ is fixed."""
         c = x_t.shape[1]
         expected = 2 * c if self.learn_sigma else c
         if model_output.shape[0] != x_t.shape[0] or model_output.shape[1] != expected:
@@ -239,9 +272,27 @@ class GaussianDiffusion:
                 f"for x_t {tuple(x_t.shape)} (learn_sigma={self.learn_sigma})"
             )
         if self.learn_sigma:
-            eps, v = model_output.split(c, dim=1)
-            return eps, v
+            mean_out, u = model_output.split(c, dim=1)
+            return mean_out, u
         return model_output, None
+
+    def velocity(self, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = √ᾱ_t ε − √(1−ᾱ_t) x_0, the v-prediction target."""
+        shape, dt = x_start.shape, x_start.dtype
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, shape, dt) * noise
+            - _extract(self.sqrt_one_minus_alphas_cumprod, t, shape, dt) * x_start
+        )
+
+    def predict_xstart_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x̂_0, ε̂) from the raw network output, whichever quantity the network predicts."""
+        mean_out, _ = self.split_model_output(model_output, x_t)
+        if self.prediction == "eps":
+            return self.predict_xstart_from_eps(x_t, t, mean_out), mean_out
+        shape, dt = x_t.shape, x_t.dtype
+        alpha = _extract(self.sqrt_alphas_cumprod, t, shape, dt)
+        sigma = _extract(self.sqrt_one_minus_alphas_cumprod, t, shape, dt)
+        return alpha * x_t - sigma * mean_out, sigma * x_t + alpha * mean_out
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t."""
@@ -252,37 +303,37 @@ class GaussianDiffusion:
         )
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
-        """ε consistent with x_t and a (possibly clipped) x̂_0."""
+        """ε consistent with x_t and a (possibly clipped) x̂_0: (x_t − √ᾱ_t x̂_0)/√(1−ᾱ_t)."""
         shape, dt = x_t.shape, x_t.dtype
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, shape, dt) * x_t - pred_xstart) / _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, shape, dt
+        return (x_t - _extract(self.sqrt_alphas_cumprod, t, shape, dt) * pred_xstart) / _extract(
+            self.sqrt_one_minus_alphas_cumprod, t, shape, dt
         )
 
-    def model_log_variance(self, v: Tensor | None, t: Tensor, x_t: Tensor) -> Tensor:
-        """log Σ_θ: learned-range exp((v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t), else log β̃_t.
+    def model_log_variance(self, u: Tensor | None, t: Tensor, x_t: Tensor) -> Tensor:
+        """log Σ_θ: learned-range exp((u+1)/2 · log β_t + (1 − (u+1)/2) · log β̃_t), else log β̃_t.
 
         The fixed variance is β̃_t ("fixed small"), which Nichol & Dhariwal found the better
         choice for L_simple models sampled with fewer steps than they were trained with.
         """
         shape, dt = x_t.shape, x_t.dtype
         min_log = _extract(self.posterior_log_variance_clipped, t, shape, dt)
-        if v is None:
+        if u is None:
             return min_log.expand_as(x_t)
         max_log = _extract(torch.log(self.betas), t, shape, dt)
-        frac = (v + 1) / 2
+        frac = (u + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip_denoised: bool = True
     ) -> dict[str, Tensor]:
-        """p_θ(x_{t-1} | x_t) from the raw network output (ε-prediction, optional learned v).
+        """p_θ(x_{t-1} | x_t) from the raw network output (ε or v, optional learned variance).
 
         `t` indexes this diffusion's own (possibly respaced) steps. Returns mean, variance,
-        log_variance, pred_xstart (clipped to [-1, 1] when asked) and the network's eps.
+        log_variance, pred_xstart (clipped to [-1, 1] when asked) and the predicted eps.
         """
-        eps, v = self.split_model_output(model_output, x_t)
-        log_variance = self.model_log_variance(v, t, x_t)
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        _, u = self.split_model_output(model_output, x_t)
+        log_variance = self.model_log_variance(u, t, x_t)
+        pred_xstart, eps = self.predict_xstart_and_eps(model_output, x_t, t)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
@@ -307,19 +358,22 @@ class GaussianDiffusion:
     def training_losses(
         self, model: ModelFn | Any, x_start: Tensor, t: Tensor, noise: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Per-sample loss, mse = ‖ε − ε̂‖² (mean over pixels) and vb = L_t (bits/dim).
+        """Per-sample loss, mse = ‖target − output‖² (mean over pixels) and vb = L_t (bits/dim).
 
-        hybrid: loss = mse + λ·T·vb — T·L_t is an unbiased estimate of L_vlb = Σ_t L_t. The vb
-        term sees ε̂ detached, so it only trains v (Nichol & Dhariwal §3.1). The model is called
-        as model(x_t, original t).
+        The target is ε or v (`prediction`); L_simple = w_t·mse with the `weighting`'s w_t.
+        hybrid: loss = L_simple + λ·T·vb — T·L_t is an unbiased estimate of L_vlb = Σ_t L_t. The
+        vb term sees the mean output detached, so it only trains the variance (Nichol & Dhariwal
+        §3.1). The model is called as model(x_t, original t).
         """
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
         model_output = model(x_t, self.timestep_map.to(t.device)[t.long()])
-        eps, v = self.split_model_output(model_output, x_t)
-        frozen = eps.detach() if v is None else torch.cat([eps.detach(), v], dim=1)
-        mse = mean_flat((noise - eps) ** 2)
+        mean_out, u = self.split_model_output(model_output, x_t)
+        target = noise if self.prediction == "eps" else self.velocity(x_start, noise, t)
+        mse = mean_flat((target - mean_out) ** 2)
+        simple = _extract(self.mse_weights, t, (t.shape[0],), mse.dtype) * mse
+        frozen = mean_out.detach() if u is None else torch.cat([mean_out.detach(), u], dim=1)
         vb = self.vb_terms_bpd(frozen, x_start, x_t, t)
-        loss = mse + self.lambda_vlb * self.num_timesteps * vb if self.loss == "hybrid" else mse
+        loss = simple + self.lambda_vlb * self.num_timesteps * vb if self.loss == "hybrid" else simple
         return {"loss": loss, "mse": mse, "vb": vb}

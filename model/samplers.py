@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from model.diffusion import GaussianDiffusion, space_timesteps
+from model.diffusion import MAX_BETA, GaussianDiffusion, space_timesteps
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]
@@ -114,8 +114,7 @@ def sample_ddim(
     for done, i in enumerate(reversed(range(d.num_timesteps))):
         _check_stop(should_stop, done, d.num_timesteps)
         out, t = _model_output(model_fn, d, x, i)
-        eps, _ = d.split_model_output(out, x)
-        pred_xstart = d.predict_xstart_from_eps(x, t, eps)
+        pred_xstart, eps = d.predict_xstart_and_eps(out, x, t)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
             # Re-derive ε from the clipped x̂_0 so the step stays on the line through x_t.
@@ -136,8 +135,24 @@ def log_snr(alphas_cumprod: Tensor) -> Tensor:
     return 0.5 * (torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod))
 
 
+def smooth_end(diffusion: GaussianDiffusion) -> int:
+    """The largest t whose β is not clipped at MAX_BETA: λ is smooth in t up to there.
+
+    The cosine schedule's last β is clipped at 0.999, so λ jumps from −6.46 at t = 998 to
+    −9.92 at t = 999; a λ grid that started at −9.92 spent 9 of 20 steps on t ≥ 991.
+    """
+    t = diffusion.num_timesteps - 1
+    while t > 0 and diffusion.betas[t].item() >= MAX_BETA * (1 - 1e-9):
+        t -= 1
+    return t
+
+
 def dpmpp_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "logsnr") -> list[int]:
-    """`steps` distinct integer t of the diffusion, uniform in t or in λ (largest t = T-1, smallest 0)."""
+    """`steps` distinct integer t of the diffusion, uniform in t or in λ (largest t = T-1, smallest 0).
+
+    The λ grid spans λ(0) … λ(`smooth_end`); its top point is then moved to T-1, so sampling
+    starts from pure noise and the first (first-order) step crosses any clipped jump.
+    """
     T = diffusion.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T} (the model's diffusion steps), got {steps}")
@@ -148,11 +163,12 @@ def dpmpp_timesteps(diffusion: GaussianDiffusion, steps: int, spacing: str = "lo
     if steps == 1:
         return [T - 1]
     lam = log_snr(diffusion.alphas_cumprod)  # decreasing in t
-    targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+    targets = torch.linspace(lam[smooth_end(diffusion)].item(), lam[0].item(), steps, dtype=torch.float64)
     # Nearest integer t for each target λ (λ is monotone, so interpolate t as a function of λ).
     t_cont = _interp(targets, lam.flip(0), torch.arange(T - 1, -1, -1, dtype=torch.float64))
     ts = [math.floor(v + 0.5) for v in t_cont.tolist()]  # descending
     ts.reverse()  # ascending from t = 0
+    ts[-1] = T - 1
     # Several targets can round to one t near t = 0, where λ jumps: push them apart, stay in range.
     for k in range(1, steps):
         ts[k] = max(ts[k], ts[k - 1] + 1)
@@ -222,8 +238,7 @@ def sample_dpmpp_2m(
     for done, i in enumerate(reversed(range(n))):
         _check_stop(should_stop, done, n)
         out, t = _model_output(model_fn, d, x, i)
-        eps, _ = d.split_model_output(out, x)
-        x0 = d.predict_xstart_from_eps(x, t, eps)
+        x0, _ = d.predict_xstart_and_eps(out, x, t)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
         if i == 0:

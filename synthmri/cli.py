@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("training.phantoms_cli", "write BraTS-like phantom subjects"),
     "prepare": ("training.prepare_cli", "preprocess a BraTS folder into the slice cache"),
     "demo-model": ("training.demo", "train the demo model the service ships with"),
+    "eval": ("training.evaluation.cli", "evaluate a checkpoint's samples against real held-out slices"),
 }
 
 

@@ -27,6 +27,9 @@ class TrainConfig:
 
     preset: str = "tiny"  # model preset (model/config.py) + the recipe defaults below
     channels: str = ""  # channel set; "" = the preset's
+    prediction: str = ""  # what the network predicts, "eps" or "v"; "" = the preset's
+    weighting: str = ""  # L_simple weighting, "eps", "v" or "min-snr"; "" = the preset's
+    min_snr_gamma: float = 0.0  # γ of the min-SNR weighting; 0 = the preset's
     data: str = ""  # BraTS-layout folder, prepared PNG folders, or phantoms
     out: str = ""  # run directory: checkpoint, train_state.pt, metrics.jsonl, samples/
     resume: str = ""  # run directory to resume from (its train_state.pt)
@@ -53,6 +56,7 @@ class TrainConfig:
     sample_steps: int = 20
     ckpt_every: int = 500  # steps between checkpoints (+ one at the end)
     val_batches: int = 2  # global batches of fixed-noise validation loss per checkpoint; 0 = off
+    val_samples: int = 16  # samples per checkpoint for the evaluation's quick figures; 0 = off
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no budget
     stop_at: int = 0  # stop (and checkpoint) after this step, resumable; 0 = run to `steps`
     seed: int = 0
@@ -67,7 +71,16 @@ class TrainConfig:
 
     @property
     def model_preset(self) -> Preset:
-        return get_preset(self.preset, self.channels or None)
+        """The model preset with this run's channel set and diffusion overrides applied."""
+        preset = get_preset(self.preset, self.channels or None)
+        overrides: dict[str, Any] = {}
+        if self.prediction:
+            overrides["prediction"] = self.prediction
+        if self.weighting:
+            overrides["weighting"] = self.weighting
+        if self.min_snr_gamma:
+            overrides["min_snr_gamma"] = self.min_snr_gamma
+        return replace(preset, diffusion=replace(preset.diffusion, **overrides)) if overrides else preset
 
     @property
     def image_size(self) -> int:
@@ -82,6 +95,7 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {self.preset!r}; known: {', '.join(MODEL_PRESETS)}")
         if self.channels and self.channels not in CHANNEL_SETS:
             raise ConfigError(f"unknown channel set {self.channels!r}; known: {', '.join(CHANNEL_SETS)}")
+        self.model_preset.diffusion.validate()
         if self.steps < 1:
             raise ConfigError("steps must be ≥ 1")
         if self.global_batch < 1 or self.micro_batch < 1:

@@ -45,6 +45,7 @@ from model.inference import resolved_precision_name
 from model.seeding import sample_seed
 from model.unet import UNetModel
 from synthmri.atomic import atomic_write
+from synthmri.channels import channels_of
 from synthmri.cli import CliError, make_parser
 from training.config import TrainConfig, add_config_arguments, config_from_args, from_dict
 from training.ema import EMA
@@ -375,6 +376,8 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             dist.all_reduce(total)
         return float(total[0] / total[1])
 
+    quick_val = quick_validation_set(val_ds, cfg, device) if is_master and cfg.val_samples > 0 else None
+
     def checkpoint(step: int, last_loss: float | None, elapsed: float, final: bool) -> str | None:
         """Registry checkpoint (EMA) + train_state.pt + loss curve; sample grid when due."""
         rngs = [rng_state()]
@@ -419,6 +422,15 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
             atomic_write(out / TRAIN_STATE, lambda path: torch.save(state, path))
             if val is not None:
                 metrics.write({"kind": "val", "step": step, "val_loss": val})
+            if quick_val is not None:
+                from training.evaluation.quick import quick_record
+
+                with autocast():
+                    record = quick_record(lambda a, b: ema.model(a, b).float(), diffusion,
+                                          channels_of(preset.channel_set), quick_val[0], quick_val[1],
+                                          count=cfg.val_samples,
+                                          sampler=cfg.sample_sampler, steps=cfg.sample_steps, seed=cfg.seed)
+                metrics.write({"kind": "eval", "step": step, **record})
             from training.plots import write_loss_curve
 
             write_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
@@ -504,6 +516,20 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         print(f"nothing to do: already at step {start_step} of {cfg.steps}", file=sys.stderr)
     return {"step": step, "sha256": sha, "out": str(out), "loss": last_loss,
             "seconds": time.perf_counter() - t_start}
+
+
+def quick_validation_set(val_ds: Dataset[Any], cfg: TrainConfig, device: torch.device
+                         ) -> tuple[torch.Tensor, dict[str, float]] | None:
+    """(first validation slices for the x̂_0 error, the quick figures of up to 256 validation slices)."""
+    from training.evaluation.quick import real_figures
+
+    n = len(val_ds)  # type: ignore[arg-type]
+    if n == 0:
+        return None
+    rows = np.linspace(0, n - 1, min(n, 256)).round().astype(int)
+    x = torch.stack([torch.as_tensor(val_ds[int(i)]) for i in rows])
+    channels = channels_of(cfg.channel_set)
+    return x[:: max(1, len(rows) // 32)][:32].to(device), real_figures(x.numpy(), channels)
 
 
 def _is_cuda(device: torch.device) -> bool:

@@ -248,3 +248,76 @@ def test_fixed_sigma_mse_loss() -> None:
     out = d.training_losses(lambda x, t: eps_net + 0 * x, x0, _t([3, 60]), noise)
     torch.testing.assert_close(out["loss"], torch.ones(2))  # ‖1 − 0‖² per pixel
     assert out["vb"].requires_grad is False
+
+
+# ---------------------------------------------------------------------------- v-prediction, weighting
+def _cosine(prediction: str, weighting: str = "eps", learn_sigma: bool = False) -> GaussianDiffusion:
+    return GaussianDiffusion(get_named_beta_schedule("cosine", 1000), learn_sigma=learn_sigma,
+                             loss="hybrid" if learn_sigma else "mse", prediction=prediction, weighting=weighting)
+
+
+def test_v_target_recovers_x0_and_eps_at_every_noise_level() -> None:
+    d = _cosine("v")
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(4, 2, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = _t([0, 500, 950, 999])
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat, eps_hat = d.predict_xstart_and_eps(d.velocity(x0, noise, t), x_t, t)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, noise)
+    # With ε-prediction the same x̂_0 at t = 999 divides by √ᾱ ≈ 5e-5: a 1e-3 error in ε̂ becomes ≈ 20.
+    e = _cosine("eps")
+    x0_eps, _ = e.predict_xstart_and_eps(noise + 1e-3, x_t, t)
+    assert (x0_eps[3] - x0[3]).abs().mean().item() > 10
+    x0_v, _ = d.predict_xstart_and_eps(d.velocity(x0, noise, t) + 1e-3, x_t, t)
+    assert (x0_v - x0).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize(
+    ("prediction", "weighting", "x0_weight"),
+    [
+        ("eps", "eps", lambda snr: snr),
+        ("eps", "min-snr", lambda snr: snr.clamp(max=5.0)),
+        ("v", "min-snr", lambda snr: snr.clamp(max=5.0)),
+        ("v", "v", lambda snr: snr + 1),
+        ("v", "eps", lambda snr: snr),
+    ],
+)
+def test_weighted_loss_is_the_weighted_x0_error(prediction: str, weighting: str, x0_weight: object) -> None:
+    """Each weighting, whatever the target, is w(SNR)·‖x_0 − x̂_0‖² for the same wrong x̂_0."""
+    d = _cosine(prediction, weighting)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.rand(5, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = _t([1, 100, 500, 900, 990])
+    wrong_x0 = x0 + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    wrong_eps = (d.q_sample(x0, t, noise) - ab.sqrt() * wrong_x0) / (1 - ab).sqrt()
+    output = wrong_eps if prediction == "eps" else ab.sqrt() * wrong_eps - (1 - ab).sqrt() * wrong_x0
+    out = d.training_losses(lambda x, tt: output, x0, t, noise)
+    snr = (ab / (1 - ab)).flatten()
+    expected = x0_weight(snr) * ((x0 - wrong_x0) ** 2).mean(dim=(1, 2, 3))  # type: ignore[operator]
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_eps_weighting_of_eps_prediction_is_the_plain_loss() -> None:
+    """Old ε checkpoints keep their exact loss: every weight is 1.0."""
+    assert bool((_cosine("eps").mse_weights == 1.0).all())
+
+
+def test_recipe_is_recorded_and_old_configs_load_as_eps() -> None:
+    from model.config import CheckpointConfig, ConfigError, get_preset
+
+    preset = get_preset("demo")
+    assert (preset.diffusion.prediction, preset.diffusion.weighting) == ("v", "min-snr")
+    cfg = CheckpointConfig(name="m", channel_set=preset.channel_set, model=preset.model,
+                           diffusion=preset.diffusion)
+    assert CheckpointConfig.from_json(cfg.to_json()).diffusion == preset.diffusion
+    old = cfg.to_dict()
+    for key in ("prediction", "weighting", "min_snr_gamma"):
+        del old["diffusion"][key]
+    assert CheckpointConfig.from_dict(old).diffusion.prediction == "eps"
+    old["diffusion"]["prediction"] = "x0"
+    with pytest.raises(ConfigError, match="unknown prediction"):
+        CheckpointConfig.from_dict(old)

@@ -366,3 +366,39 @@ def test_per_sample_noise_makes_samples_independent_of_the_batch(name: str, kw: 
     assert torch.equal(a[3], b[0])  # sample 3 does not depend on its neighbours
     assert not torch.equal(a[3], sample(8, [3])[0])  # another seed is another sample
     assert not torch.equal(a[0], a[1])
+
+
+# ---------------------------------------------------------------------------- v-prediction and cosine
+def test_cosine_logsnr_grid_starts_where_the_schedule_is_smooth() -> None:
+    """The clipped last β made λ jump −6.46 → −9.92; a grid from −9.92 put 9 of 20 steps on t ≥ 991."""
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", 1000), learn_sigma=False, loss="mse")
+    assert S.smooth_end(d) == 998
+    ts = S.dpmpp_timesteps(d, 20)
+    assert ts[0] == 0 and ts[-1] == 999 and len(set(ts)) == 20
+    assert sum(t >= 991 for t in ts) <= 4
+    h = -S.log_snr(d.alphas_cumprod[ts]).diff()
+    # Every step but the first (which crosses the clipped jump) is near-uniform in λ, up to the
+    # rounding to integer t where λ is steep (near t = 0 and t = T).
+    assert (h[3:-3].max() / h[3:-3].min()).item() < 1.15 and h[:-1].max().item() < 0.75
+    assert h[-1].item() > 3  # the first step: λ(999) = −9.92 → about −6
+    linear = _diffusion()
+    assert S.smooth_end(linear) == 999
+
+
+@pytest.mark.parametrize(("name", "steps"), [("ddpm", 50), ("ddim", 20), ("dpm++", 10)])
+def test_v_prediction_samples_equal_eps_prediction_samples(name: str, steps: int) -> None:
+    """The same exact denoiser, once as ε and once as v: every sampler gives the same slices."""
+    from tests.exact_denoiser import SliceSetDenoiser
+
+    slices = torch.rand(4, 2, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    x_T = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for prediction in ("eps", "v"):
+        d = GaussianDiffusion(get_named_beta_schedule("cosine", 1000), learn_sigma=True, loss="hybrid",
+                              prediction=prediction)
+        out[prediction] = S.SAMPLERS[name](SliceSetDenoiser(d, slices), d, x_T, steps=steps,
+                                           noise=_torch_noise(3))
+    torch.testing.assert_close(out["v"], out["eps"], rtol=0, atol=2e-4)
+    # and they are the known slices: each sample is within 0.05 of one of them
+    nearest = torch.cdist(out["v"].flatten(1), slices.flatten(1)).min(dim=1).values / 6
+    assert nearest.max().item() < 0.05
