@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -79,11 +79,17 @@ class JobRequest(BaseModel):
         le=MAX_SEED,
         description="Seed; sample i depends only on (seed, i). Random if absent.",
     )
-    sampler: Sampler = Field(
-        default="dpm++", description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral)."
+    sampler: Sampler | None = Field(
+        default=None,
+        description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral). Absent: the sampler the "
+        "model's evaluation recommends (GET /v1/models, `recommended`), else dpm++.",
     )
     steps: int | None = Field(
-        default=None, ge=1, le=10000, description=f"Sampling steps; default per sampler {DEFAULT_STEPS}."
+        default=None,
+        ge=1,
+        le=10000,
+        description="Sampling steps. Absent: the model's recommended steps when the sampler is the "
+        f"recommended one, else the sampler's default {DEFAULT_STEPS}.",
     )
     formats: list[OutputFormat] = Field(
         default_factory=lambda: list(DEFAULT_FORMATS),
@@ -102,9 +108,22 @@ class JobRequest(BaseModel):
         self.formats = sorted(set(self.formats), key=("nifti", "png", "npz").index)
         return self
 
-    @property
-    def effective_steps(self) -> int:
-        return self.steps if self.steps is not None else DEFAULT_STEPS[self.sampler]
+
+
+def resolve_sampling(
+    sampler: str | None, steps: int | None, recommended: tuple[str, int] | None
+) -> tuple[Sampler, int]:
+    """(sampler, steps) of a request: what it names, else the model's recommendation, else defaults.
+
+    Steps a request leaves out come from the recommendation only when the sampler is the
+    recommended one (20 DPM-Solver++ steps say nothing about DDPM).
+    """
+    name = cast(Sampler, sampler or (recommended[0] if recommended else "dpm++"))
+    if steps is not None:
+        return name, steps
+    if recommended is not None and recommended[0] == name:
+        return name, recommended[1]
+    return name, DEFAULT_STEPS[name]
 
 
 class JobSpec(BaseModel):

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from synthmri.channels import CHANNEL_SETS, resolve_for_channels
-from synthmri.contract import DEFAULT_STEPS, SAMPLERS
+from synthmri.contract import DEFAULT_STEPS, SAMPLERS, Sampler, resolve_sampling
 from synthmri.hashing import CHECKPOINT_FILES, checkpoint_sha256
+from synthmri.modelcard import read_card, recommendation
 
 
 class RegistryError(ValueError):
@@ -33,9 +34,21 @@ class ModelInfo:
     path: Path
     samplers: tuple[str, ...] = SAMPLERS
     default_steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))
+    card: dict[str, Any] | None = None  # eval.json, when it was written for these weights
+
+    @property
+    def recommended(self) -> tuple[str, int] | None:
+        return recommendation(self.card)
+
+    def sampling(self, sampler: str | None, steps: int | None) -> tuple[Sampler, int]:
+        """The (sampler, steps) a request for this model runs with (see `resolve_sampling`)."""
+        return resolve_sampling(sampler, steps, self.recommended)
 
     def public(self) -> dict[str, Any]:
+        rec = self.recommended
         return {
+            "recommended": {"sampler": rec[0], "steps": rec[1]} if rec else None,
+            "card": self.card,
             "name": self.name,
             "channel_set": self.channel_set,
             "channels": list(self.channels),
@@ -71,6 +84,7 @@ def read_model(directory: Path) -> ModelInfo:
     channel_set = cfg["channel_set"]
     if channel_set not in CHANNEL_SETS:
         raise ValueError(f"{directory}: unknown channel_set {channel_set!r}")
+    sha256 = _cached_sha256(directory)
     return ModelInfo(
         name=directory.name,
         channel_set=channel_set,
@@ -78,8 +92,9 @@ def read_model(directory: Path) -> ModelInfo:
         image_size=int(cfg["model"]["image_size"]),
         diffusion_steps=int(cfg["diffusion"]["steps"]),
         provenance=dict(cfg.get("provenance", {})),
-        sha256=_cached_sha256(directory),
+        sha256=sha256,
         path=directory,
+        card=read_card(directory, sha256),
     )
 
 

@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--count", required=True, type=int, help="number of samples")
     p.add_argument("--seed", required=True, type=int, help="request seed (sample i uses (seed, i))")
-    p.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per sampler)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help="sampler (default: the model card's recommendation, else dpm++)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model card's recommendation or the sampler's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -70,7 +72,11 @@ def main(argv: Sequence[str]) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but no CUDA device is available (use --device cpu)")
-    steps = resolve_steps(args.sampler, args.steps)
+    from synthmri.contract import resolve_sampling
+    from synthmri.modelcard import read_card, recommendation
+
+    args.sampler, steps = resolve_sampling(args.sampler, args.steps, recommendation(read_card(args.model)))
+    steps = resolve_steps(args.sampler, steps)
     try:
         precision = resolved_precision_name(args.device, args.precision)
     except ValueError as e:

@@ -110,7 +110,7 @@ def submit_job(
         info = resolve_model(scan_models(settings.models_dir), body.model, body.channels)
     except RegistryError as e:
         raise Problem(422, str(e)) from None
-    steps = body.effective_steps
+    sampler, steps = info.sampling(body.sampler, body.steps)
     if steps > info.diffusion_steps:
         raise Problem(422, f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
@@ -124,7 +124,7 @@ def submit_job(
         image_size=info.image_size,
         count=body.count,
         seed=body.seed if body.seed is not None else new_seed(),
-        sampler=body.sampler,
+        sampler=sampler,
         steps=steps,
         formats=body.formats,
         batch_size=settings.task_batch_size,

@@ -5,12 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep
 from synthmri.registry import scan_models
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class Recommended(BaseModel):
+    sampler: str
+    steps: int
 
 
 class ModelPublic(BaseModel):
@@ -23,6 +28,14 @@ class ModelPublic(BaseModel):
     default_steps: dict[str, int]
     provenance: dict[str, Any]
     sha256: str
+    recommended: Recommended | None = Field(
+        description="The sampler and steps the model's evaluation recommends; requests without "
+        "`sampler` use it. Null when the model has no current model card (eval.json)."
+    )
+    card: dict[str, Any] | None = Field(
+        description="The model card written by `synthmri eval`: headline quality figures against real "
+        "held-out data, the sampler table and the downstream segmentation study."
+    )
 
 
 class ModelList(BaseModel):

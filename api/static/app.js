@@ -6,9 +6,10 @@
 const KEY_STORAGE = "synthmri.apiKey";
 // The API's long poll answers on a state change; progress within `running` shows at this pace.
 const POLL_WAIT_S = 2;
-// Step counts applied when the sampler changes: DDIM and DPM-Solver++ as in model/samplers.py;
-// DDPM respaced to 250 steps, which gave the small demo model much cleaner slices than the
-// deterministic samplers at 20-50 steps, at a quarter of the full 1000.
+// Step counts applied when a sampler is picked by hand: DDIM and DPM-Solver++ as in
+// model/samplers.py; DDPM respaced to 250 steps, a quarter of the full 1000 network calls.
+// With "recommended" the form sends neither sampler nor steps and the server applies the
+// model card's recommendation (GET /v1/models, `recommended`).
 const DEFAULT_STEPS = { ddpm: 250, ddim: 50, "dpm++": 20 };
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "canceled", "done", "error"]);
 
@@ -123,6 +124,41 @@ function describeModel() {
   const trained = m.provenance && m.provenance.steps ? `${m.provenance.steps} training steps` : "";
   const parts = [`served by model “${m.name}”`, `channels ${m.channel_set}`, size, trained].filter(Boolean);
   $("model-info").textContent = parts.join(" · ");
+  $("model-card").textContent = cardSummary(m);
+  syncSteps();
+}
+
+// One line from the model card: the recommendation and the headline figures against real data.
+function cardSummary(m) {
+  if (!m.recommended) return "Not evaluated yet: requests use DPM-Solver++ with 20 steps.";
+  const rec = `recommended: ${m.recommended.sampler} with ${m.recommended.steps} steps`;
+  const h = (m.card && m.card.headline) || {};
+  const real = (m.card && m.card.real) || {};
+  const figures = [];
+  if (h.frechet_ratio_to_floor != null) {
+    figures.push(`Fréchet distance ${h.frechet_ratio_to_floor.toFixed(1)}× the real-vs-real floor`);
+  }
+  if (h.background_fraction != null && real.background_fraction != null) {
+    figures.push(`background ${h.background_fraction.toFixed(2)} (real ${real.background_fraction.toFixed(2)})`);
+  }
+  if (h.isolated_tumour_pixels != null && real.isolated_tumour_pixels != null) {
+    figures.push(`${h.isolated_tumour_pixels.toFixed(2)} isolated tumour px per slice ` +
+      `(real ${real.isolated_tumour_pixels.toFixed(2)})`);
+  }
+  return [rec, ...figures].join(" · ");
+}
+
+// Steps follow the sampler: blank (server decides) for "recommended", else that sampler's default.
+function syncSteps() {
+  const sampler = $("sampler").value;
+  const cs = $("channels").value;
+  const m = cs ? modelFor(cs) : undefined;
+  if (!sampler) {
+    $("steps").value = "";
+    $("steps").placeholder = m && m.recommended ? `${m.recommended.steps} (recommended)` : "recommended";
+  } else {
+    $("steps").value = String(DEFAULT_STEPS[sampler] || $("steps").value);
+  }
 }
 
 // ---------------------------------------------------------------- jobs
@@ -159,9 +195,9 @@ async function submitJob(event) {
     channels: $("channels").value,
     count: Number($("count").value),
     seed: Number($("seed").value),
-    sampler: $("sampler").value,
-    steps: Number($("steps").value),
   };
+  if ($("sampler").value) body.sampler = $("sampler").value;
+  if ($("steps").value) body.steps = Number($("steps").value);
   if (!body.channels) {
     showError("Choose a channel set (enter the API key first if the list is empty).");
     return;
@@ -296,9 +332,7 @@ function init() {
   $("job-form").addEventListener("submit", submitJob);
   $("cancel").addEventListener("click", cancelJob);
   $("channels").addEventListener("change", describeModel);
-  $("sampler").addEventListener("change", () => {
-    $("steps").value = String(DEFAULT_STEPS[$("sampler").value] || $("steps").value);
-  });
+  $("sampler").addEventListener("change", syncSteps);
   $("random-seed").addEventListener("click", () => {
     $("seed").value = String(Math.floor(Math.random() * 2 ** 31));
   });

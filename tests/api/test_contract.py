@@ -6,7 +6,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from synthmri.contract import DEFAULT_STEPS, SAMPLERS, JobRequest, JobSpec, JobState
+from synthmri.contract import DEFAULT_STEPS, SAMPLERS, JobRequest, JobSpec, JobState, resolve_sampling
 
 
 def test_default_steps_agree_with_the_samplers() -> None:
@@ -17,11 +17,17 @@ def test_default_steps_agree_with_the_samplers() -> None:
     assert set(SAMPLERS) == set(MODEL_SAMPLERS)
 
 
-def test_request_defaults_and_effective_steps() -> None:
+def test_request_defaults_and_sampling_resolution() -> None:
     r = JobRequest(channels="t1ce+seg", count=2)
-    assert (r.sampler, r.seed, r.formats, r.effective_steps) == ("dpm++", None, ["nifti", "png"], 20)
-    assert JobRequest(model="m", count=1, sampler="ddim").effective_steps == 50
-    assert JobRequest(model="m", count=1, sampler="ddpm", steps=7).effective_steps == 7
+    assert (r.sampler, r.steps, r.seed, r.formats) == (None, None, None, ["nifti", "png"])
+    assert resolve_sampling(None, None, None) == ("dpm++", 20)
+    assert resolve_sampling("ddim", None, None) == ("ddim", 50)
+    assert resolve_sampling("ddpm", 7, None) == ("ddpm", 7)
+    # A model card's recommendation fills what the request leaves out, and only that.
+    assert resolve_sampling(None, None, ("ddim", 30)) == ("ddim", 30)
+    assert resolve_sampling(None, 12, ("ddim", 30)) == ("ddim", 12)
+    assert resolve_sampling("ddim", None, ("ddim", 30)) == ("ddim", 30)
+    assert resolve_sampling("ddpm", None, ("ddim", 30)) == ("ddpm", 1000)
     assert JobRequest(model="m", count=1, formats=["npz", "nifti", "npz"]).formats == ["nifti", "npz"]
 
 

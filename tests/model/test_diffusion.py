@@ -253,7 +253,8 @@ def test_fixed_sigma_mse_loss() -> None:
 # ---------------------------------------------------------------------------- v-prediction, weighting
 def _cosine(prediction: str, weighting: str = "eps", learn_sigma: bool = False) -> GaussianDiffusion:
     return GaussianDiffusion(get_named_beta_schedule("cosine", 1000), learn_sigma=learn_sigma,
-                             loss="hybrid" if learn_sigma else "mse", prediction=prediction, weighting=weighting)
+                             loss="hybrid" if learn_sigma else "mse", prediction=prediction,
+                             weighting=weighting)
 
 
 def test_v_target_recovers_x0_and_eps_at_every_noise_level() -> None:

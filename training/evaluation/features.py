@@ -22,7 +22,7 @@ from scipy import linalg
 from torch import nn
 
 ENCODER_SIZE = 64
-ENCODER_WIDTHS = (16, 32, 64, 64)
+ENCODER_WIDTHS = (8, 16, 32, 32)
 ENCODER_VERSION = "ae-1"
 
 
