@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         mse[name] = []
         for t_value in timesteps:
             t = torch.full((len(x0),), t_value)
-            eps = fn(diffusion.q_sample(x0, t, noise), t)[:, : x0.shape[1]]
+            x_t = diffusion.q_sample(x0, t, noise)
+            _, eps = diffusion.predict_xstart_and_eps(fn(x_t, t).float(), x_t, t)
             mse[name].append(((eps - noise) ** 2).mean().item())
 
     print(f"{args.model}: ε-MSE on {len(x0)} slices of {args.subjects} unseen phantom subjects "

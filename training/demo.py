@@ -98,6 +98,7 @@ def build_demo(out: str, *, minutes: float, subjects: int, seed: int, steps: int
                                cache_dir=str(work_dir / "cache"), seed=seed, progress=progress)
         datasets = load_datasets(recipe, is_master=True, ddp=False)
         calibration = None
+        fixed_steps = bool(steps)
         if not steps:
             calibration = seconds_per_step(recipe.global_batch)
             left = budget_s - (time.perf_counter() - t_start) - RESERVE_S
@@ -105,14 +106,17 @@ def build_demo(out: str, *, minutes: float, subjects: int, seed: int, steps: int
             # the run; with the preset's constant LR that costs nothing.
             steps = max(50, int(2.0 * left / calibration))
         remaining_min = (budget_s - (time.perf_counter() - t_start) - RESERVE_S) / 60
+        # A fixed step count gets a cosine decay to the end (known length); a wall-time budget keeps
+        # the preset's constant LR, since the stop may come at any step.
+        schedule = {"lr_schedule": "cosine", "min_lr": recipe.lr / 20} if fixed_steps else {}
         cfg = preset_config(
-            "demo", channels=DEMO_CHANNELS, data=str(data_dir), out=str(out), steps=steps,
+            "demo", channels=DEMO_CHANNELS, data=str(data_dir), out=str(out), steps=steps, **schedule,
             cache_dir=str(work_dir / "cache"), max_minutes=max(0.5, remaining_min), seed=seed,
             warmup=min(recipe.warmup, max(1, steps // 10)), ckpt_every=max(1, min(recipe.ckpt_every, steps)),
             sample_every=max(1, steps // 4), progress=progress,
         )
         provenance = {"demo": {"phantom_subjects": subjects if not data else None, "phantom_seed": seed,
-                               "data": "phantoms" if not data else str(data), "budget_minutes": minutes,
+                               "data": "phantoms" if not data else Path(data).name, "budget_minutes": minutes,
                                "calibrated_seconds_per_step": calibration}}
         summary = train(cfg, datasets, extra_provenance=provenance)
         grids = sorted((Path(out) / "samples").glob("step*.png"))

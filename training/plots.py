@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 from training.metrics import read_metrics
 
@@ -20,12 +24,18 @@ def write_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str 
     records = read_metrics(metrics_path)
     train = [r for r in records if r.get("loss") is not None and r.get("kind", "train") == "train"]
     val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    quick = [r for r in records if r.get("kind") == "eval"]
     if not train:
         return
     steps = np.array([r["step"] for r in train])
     loss = np.array([r["loss"] for r in train], dtype=float)
     mse = np.array([r.get("mse", np.nan) for r in train], dtype=float)
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(3, 1))
+    rows = 4 if quick else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 5.5 + 4.0 * bool(quick)), sharex=True,
+                             height_ratios=(3, 1, 2, 2)[:rows])
+    ax, ax_lr = axes[0], axes[1]
+    if quick:
+        _quick_panels(quick, axes[2], axes[3])
     ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss (global batch)")
     window = max(1, len(loss) // 20)
     if window > 1:
@@ -42,13 +52,36 @@ def write_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str 
     ax.set_title(title or "training loss")
     ax_lr.plot(steps, [r.get("lr", np.nan) for r in train], color="tab:gray")
     ax_lr.set_ylabel("lr")
-    ax_lr.set_xlabel("step")
+    axes[-1].set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     tmp = Path(png_path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, png_path)
+
+
+def _quick_panels(quick: list[dict[str, Any]], ax_x0: Axes, ax_fig: Axes) -> None:
+    """The evaluation's quick figures per checkpoint: x̂_0 error at high noise, sample anatomy vs real."""
+    steps = [r["step"] for r in quick]
+    for key in quick[-1]["xstart_rmse"]:
+        label = "mean slice" if key == "mean_slice" else f"x̂₀ at t = {key[1:]}"
+        style: dict[str, Any] = {"color": "black", "ls": "--"} if key == "mean_slice" else {}
+        ax_x0.plot(steps, [r["xstart_rmse"].get(key, np.nan) for r in quick], label=label, **style)
+    ax_x0.set_ylabel("x̂₀ RMSE")
+    ax_x0.legend(fontsize=7, ncol=3)
+    ax_x0.grid(alpha=0.3)
+    for key, colour in (("background_fraction", "tab:blue"), ("tumour_components", "tab:red"),
+                        ("isolated_tumour_pixels", "tab:orange")):
+        if key not in quick[-1]["samples"]:
+            continue
+        ax_fig.plot(steps, [r["samples"].get(key, np.nan) for r in quick], color=colour,
+                    label=f"{key.replace('_', ' ')} (samples)")
+        ax_fig.axhline(quick[-1]["real"][key], color=colour, ls=":", lw=1)
+    ax_fig.set_yscale("symlog", linthresh=1.0)
+    ax_fig.set_ylabel("sample figures\n(dotted: real)")
+    ax_fig.legend(fontsize=7)
+    ax_fig.grid(alpha=0.3)
 
 
 def write_sample_grid(

@@ -401,7 +401,7 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
                 "train_seconds": round(elapsed, 1),
                 "final_loss": last_loss,
                 "val_loss": val,
-                "recipe": {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "out", "progress")},
+                "recipe": recipe_provenance(cfg),
                 "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 **extra_provenance,
             }
@@ -516,6 +516,13 @@ def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | 
         print(f"nothing to do: already at step {start_step} of {cfg.steps}", file=sys.stderr)
     return {"step": step, "sha256": sha, "out": str(out), "loss": last_loss,
             "seconds": time.perf_counter() - t_start}
+
+
+def recipe_provenance(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's recipe for the checkpoint: every knob, the data folder by name, no machine paths."""
+    recipe = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "out", "progress", "cache_dir")}
+    recipe["data"] = Path(cfg.data).name if cfg.data else ""
+    return recipe
 
 
 def quick_validation_set(val_ds: Dataset[Any], cfg: TrainConfig, device: torch.device

@@ -249,16 +249,20 @@ def evaluate(
 
     opts = options or EvalOptions()
     t_start = time.perf_counter()
+
+    def say(message: str) -> None:
+        log(f"[{time.perf_counter() - t_start:5.0f} s] {message}")
+
     ckpt = load_checkpoint(model_dir, device=opts.device)
     cfg = ckpt.config
     channels = list(cfg.channels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"eval: loading real slices ({cfg.channel_set}, {cfg.image_size}²)")
+    say(f"eval: loading real slices ({cfg.channel_set}, {cfg.image_size}²)")
     ref = load_reference(
         cfg, data, train_data, max_heldout=opts.max_heldout, seed=opts.seed, progress=opts.progress
     )
-    log(f"eval: {ref.split}; {len(ref.train)} training and {len(ref.heldout)} held-out slices")
+    say(f"eval: {ref.split}; {len(ref.train)} training and {len(ref.heldout)} held-out slices")
     cache_dir = Path(data) / ".synthmri-cache" / "eval"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +276,9 @@ def evaluate(
         seed=opts.seed,
         progress=opts.progress,
     )
+    say("eval: encoder ready")
     base = real_baseline(ref, channels, encoder, opts)
-    log(
+    say(
         f"eval: real-vs-real Fréchet floor {base.frechet_floor['value']:.3f} "
         f"(n = {int(base.frechet_floor['n'])} per side)"
     )
@@ -300,7 +305,7 @@ def evaluate(
                 x,
             )
         )
-        log(
+        say(
             f"eval: {sampler} {steps}: FD {m['frechet']['value']:.3f} "
             f"({m['frechet']['ratio_to_floor']:.2f}× floor), {per_sample:.3f} s/sample"
         )
@@ -308,7 +313,7 @@ def evaluate(
 
     study: dict[str, Any] = {"skipped": "the model generates no mask (no seg channel)"}
     if SEG in channels:
-        log(f"eval: downstream segmentation with {chosen.label} samples")
+        say(f"eval: downstream segmentation with {chosen.label} samples")
         extra_n = max(0, opts.synthetic_for_segmenter - len(chosen.samples))
         syn = chosen.samples
         if extra_n:
@@ -337,5 +342,5 @@ def evaluate(
     rep.write_report(out, report, ref, results, channels)
     if write_card:
         rep.write_card(Path(model_dir), report)
-    log(f"eval: report in {out / 'report.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)")
+    say(f"eval: report in {out / 'report.md'}")
     return report
