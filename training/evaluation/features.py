@@ -79,7 +79,7 @@ class SliceEncoder(nn.Module):
 
 
 def encoder_key(fingerprint: str, channels: int, steps: int, seed: int) -> str:
-    text = json.dumps([ENCODER_VERSION, fingerprint, channels, ENCODER_SIZE, steps, seed])
+    text = json.dumps([ENCODER_VERSION, ENCODER_WIDTHS, fingerprint, channels, ENCODER_SIZE, steps, seed])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
