@@ -213,9 +213,10 @@ def _build(kind: type, values: dict[str, Any]) -> Any:
 
 # The presets' diffusion recipe. With ε-prediction the layout of a slice is never learned:
 # at t ≥ 950 its x̂_0 was worse than the mean image, which the fast samplers then sharpen
-# into noise. v-prediction bounds the x̂_0 error at every noise level; min-SNR-γ keeps
-# the nearly clean steps from dominating the loss (measured in docs/evaluation.md).
-RECIPE: dict[str, Any] = {"prediction": "v", "weighting": "min-snr", "min_snr_gamma": 5.0}
+# into noise. v-prediction bounds the x̂_0 error at every noise level, and the plain v-loss
+# (x̂_0 error weighted by SNR + 1) still trains the noisiest steps at weight ≈ 1, where
+# min-SNR-γ gives them ≈ SNR, next to nothing (measured in docs/evaluation.md).
+RECIPE: dict[str, Any] = {"prediction": "v", "weighting": "v"}
 
 _CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2)}
 

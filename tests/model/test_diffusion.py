@@ -311,7 +311,7 @@ def test_recipe_is_recorded_and_old_configs_load_as_eps() -> None:
     from model.config import CheckpointConfig, ConfigError, get_preset
 
     preset = get_preset("demo")
-    assert (preset.diffusion.prediction, preset.diffusion.weighting) == ("v", "min-snr")
+    assert (preset.diffusion.prediction, preset.diffusion.weighting) == ("v", "v")
     cfg = CheckpointConfig(name="m", channel_set=preset.channel_set, model=preset.model,
                            diffusion=preset.diffusion)
     assert CheckpointConfig.from_json(cfg.to_json()).diffusion == preset.diffusion
