@@ -41,7 +41,8 @@ def test_submit_enqueues_one_task_per_range(client: TestClient, store: JobStore)
     assert job["channels"] == ["t1ce"] and job["model"] == "tiny" and 0 <= job["seed"] < 2**63
     assert store.r.llen(QUEUE) == 1  # 5 samples, task_batch_size 8 → one range
     spec = store.get(job["id"]).spec  # type: ignore[union-attr]
-    assert spec.request == {"channels": "t1ce", "count": 5, "sampler": "dpm++", "formats": ["nifti", "png"]}
+    assert spec.request == {"channels": "t1ce", "count": 5, "formats": ["nifti", "png"]}
+    assert (job["sampler"], job["steps"]) == ("dpm++", 20)  # no model card: the fast default
 
 
 def test_error_answers(client: TestClient) -> None:
