@@ -272,19 +272,23 @@ def side_by_side(
     real: np.ndarray, synthetic: np.ndarray, channels: Sequence[str], titles: Sequence[str], path: Path
 ) -> None:
     """Two grids (rows = slices, columns = channels) next to each other with a title above each."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from worker.writers import render_grid
 
     grids = [render_grid(_grid_samples(x, channels), channels)[0] for x in (real, synthetic)]
-    top, gap = 26, 16
+    top, gap = 30, 16
+    try:
+        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default(size=18)
+    except TypeError:  # Pillow without FreeType
+        font = ImageFont.load_default()
     width = sum(g.width for g in grids) + gap
     canvas = Image.new("RGB", (width, top + max(g.height for g in grids)), (20, 20, 24))
     draw = ImageDraw.Draw(canvas)
     x = 0
     for grid, title in zip(grids, titles, strict=True):
         canvas.paste(grid, (x, top))
-        draw.text((x + 8, 6), title, fill=(235, 235, 235))
+        draw.text((x + 8, 6), title, fill=(235, 235, 235), font=font)
         x += grid.width + gap
     tmp = path.with_suffix(".tmp.png")
     canvas.save(tmp)

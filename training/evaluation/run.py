@@ -40,7 +40,9 @@ class EvalOptions:
     device: str = "cpu"
     encoder_steps: int = 1500
     boot: int = 100
-    budgets: tuple[int, ...] = (32, 256)  # real slices given to the downstream segmenter
+    # Real slices given to the downstream segmenter: a scarce and a larger budget (phantom
+    # tumours are easy to see: 32 real slices already reach a Dice of ≈ 0.9).
+    budgets: tuple[int, ...] = (8, 64)
     segmenter_seeds: tuple[int, ...] = (0, 1, 2)
     segmenter_steps: int = 600
     synthetic_for_segmenter: int = 256
@@ -55,7 +57,7 @@ class EvalOptions:
             samplers=QUICK_SAMPLERS,
             boot=50,
             encoder_steps=800,
-            budgets=(32, 128),
+            budgets=(8, 64),
             segmenter_seeds=(0, 1),
             segmenter_steps=300,
             synthetic_for_segmenter=64,
