@@ -199,3 +199,24 @@ def test_eval_cli_rejects_bad_input_in_one_line(tiny_checkpoint: Path, tmp_path:
                  "--out", str(tmp_path / "o"), "--samplers", "euler:10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "is not a directory" in err[0] and "bad sampler setting 'euler:10'" in err[1]
+
+
+def test_recommendation_prefers_clean_masks_then_fewest_calls() -> None:
+    from training.evaluation.run import SamplerResult, recommend
+
+    real = {"isolated_tumour_pixels": 0.1, "tumour_outside_brain": 0.0}
+
+    def result(sampler: str, steps: int, fd: float, isolated: float) -> SamplerResult:
+        figures = {"isolated_tumour_pixels": isolated, "tumour_outside_brain": 0.0}
+        return SamplerResult(sampler, steps, steps, 0.0, figures, {}, {"value": fd}, 1.0, {}, np.zeros(0))
+
+    fast_speckled = result("dpm++", 20, 1.0, 1.2)
+    slow_clean = result("ddpm", 250, 1.3, 0.1)
+    mid_clean = result("ddim", 50, 1.5, 0.2)
+    assert recommend([fast_speckled, slow_clean, mid_clean], real) is mid_clean  # within 25 % of 1.3
+    assert recommend([fast_speckled, slow_clean], real) is slow_clean
+    fast_clean = result("dpm++", 20, 1.2, 0.25)
+    assert recommend([fast_clean, slow_clean, mid_clean], real) is fast_clean
+    # nobody clean: the cheapest near the best Fréchet distance
+    assert recommend([fast_speckled, result("ddpm", 250, 0.9, 2.0)], real) is fast_speckled
+    assert recommend([fast_speckled, result("ddpm", 250, 0.5, 2.0)], real).sampler == "ddpm"

@@ -143,8 +143,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{opts['samples']} synthetic slices per sampler, request seed {opts['seed']}.",
         "",
         f"**Recommended sampler: {rec['sampler']} with {rec['steps']} steps** "
-        f"({rec['network_calls']} network calls per sample): the fewest calls whose "
-        "Fréchet distance is within 25 % of the best setting's, with masks as clean.",
+        f"({rec['network_calls']} network calls per sample): among the settings with clean masks "
+        "(at most 0.3 isolated tumour pixels per slice or twice the real level, no tumour outside the "
+        "brain beyond real data's), the fewest calls whose Fréchet distance is within 25 % of the best.",
         "",
         "## Samplers against real held-out slices",
         "",

@@ -28,7 +28,7 @@ QUICK_SAMPLERS: tuple[tuple[str, int], ...] = (("ddpm", 250), ("dpm++", 20))
 # A setting is recommended when its Fréchet distance is within this factor of the table's best
 # and its masks are as clean; among those, the one with the fewest network calls wins.
 RECOMMEND_SLACK = 1.25
-FAST_CALLS = 25  # what the product calls a fast sampler
+CLEAN_ISOLATED = 0.3  # isolated tumour pixels per slice a clean mask may have
 
 
 @dataclass(frozen=True)
@@ -209,26 +209,31 @@ def measure(
     }
 
 
-def recommend(results: Sequence[SamplerResult], real: dict[str, float]) -> SamplerResult:
-    """The cheapest setting within `RECOMMEND_SLACK` of the best Fréchet distance with masks as clean.
+def clean_masks(figures: dict[str, float], real: dict[str, float]) -> bool:
+    """Masks a segmentation team can train on: few isolated tumour pixels, no tumour outside the brain.
 
-    "As clean": no more tumour outside the brain and no more isolated tumour pixels than
-    the best-FD setting (plus real data's own level), so a fast sampler that gets the
-    layout right but scatters the mask is not chosen.
+    Isolated pixels up to `CLEAN_ISOLATED` per slice or twice the real data's own level
+    (downsampled real masks have a few); tumour outside the brain no more often than in
+    real data plus 2 % of slices. Channel sets without a mask are always clean.
     """
-    best = min(results, key=lambda r: r.frechet["value"])
+    if "isolated_tumour_pixels" not in figures:
+        return True
+    isolated_ok = figures["isolated_tumour_pixels"] <= max(CLEAN_ISOLATED, 2 * real["isolated_tumour_pixels"])
+    return isolated_ok and figures["tumour_outside_brain"] <= real["tumour_outside_brain"] + 0.02
 
-    def clean(r: SamplerResult) -> bool:
-        if "isolated_tumour_pixels" not in r.figures:
-            return True
-        tol = real.get("isolated_tumour_pixels", 0.0)
-        return (
-            r.figures["isolated_tumour_pixels"] <= best.figures["isolated_tumour_pixels"] + tol + 0.1
-            and r.figures["tumour_outside_brain"] <= best.figures["tumour_outside_brain"] + 0.02
-        )
 
-    ok = [r for r in results if r.frechet["value"] <= RECOMMEND_SLACK * best.frechet["value"] and clean(r)]
-    return min(ok or [best], key=lambda r: (r.network_calls, r.frechet["value"]))
+def recommend(results: Sequence[SamplerResult], real: dict[str, float]) -> SamplerResult:
+    """The cheapest setting whose Fréchet distance is within `RECOMMEND_SLACK` of the best.
+
+    Settings with clean masks (`clean_masks`) are preferred: only when none has them is
+    the choice made among all, so a fast sampler that gets the layout right but scatters
+    the mask is not chosen over a slower one that does not.
+    """
+    clean = [r for r in results if clean_masks(r.figures, real)]
+    pool = clean or list(results)
+    best = min(r.frechet["value"] for r in pool)
+    near = [r for r in pool if r.frechet["value"] <= RECOMMEND_SLACK * best]
+    return min(near, key=lambda r: (r.network_calls, r.frechet["value"]))
 
 
 def evaluate(
