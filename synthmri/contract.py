@@ -21,11 +21,11 @@ QUEUE = "synthmri"
 
 # Mirrors model.samplers.DEFAULT_STEPS (tests/api/test_contract.py asserts they agree);
 # duplicated so that the API never imports torch.
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
-SAMPLERS: tuple[str, ...] = ("dpm++", "ddim", "ddpm")
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
+SAMPLERS: tuple[str, ...] = ("dpm++", "dpm++sde", "ddim", "ddpm")
 MAX_SEED = 2**63 - 1
 
-Sampler = Literal["dpm++", "ddim", "ddpm"]
+Sampler = Literal["dpm++", "dpm++sde", "ddim", "ddpm"]
 OutputFormat = Literal["nifti", "png", "npz"]
 DEFAULT_FORMATS: tuple[OutputFormat, ...] = ("nifti", "png")
 JOB_ID_PATTERN = r"^[0-9a-f]{16}$"

@@ -17,7 +17,7 @@ from typing import Any
 from synthmri import __version__
 from synthmri.cli import CliError, make_parser
 
-SAMPLER_NAMES = ("dpm++", "ddim", "ddpm")
+SAMPLER_NAMES = ("dpm++", "dpm++sde", "ddim", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 MAX_SEED = 2**63 - 1
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

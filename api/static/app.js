@@ -10,7 +10,7 @@ const POLL_WAIT_S = 2;
 // model/samplers.py; DDPM respaced to 250 steps, a quarter of the full 1000 network calls.
 // With "recommended" the form sends neither sampler nor steps and the server applies the
 // model card's recommendation (GET /v1/models, `recommended`).
-const DEFAULT_STEPS = { ddpm: 250, ddim: 50, "dpm++": 20 };
+const DEFAULT_STEPS = { ddpm: 250, ddim: 50, "dpm++": 20, "dpm++sde": 20 };
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "canceled", "done", "error"]);
 
 const $ = (id) => document.getElementById(id);

@@ -39,7 +39,7 @@ TARGET_STD = ((WEIGHTS * (STDS**2 + MEANS**2)).sum(-1) - TARGET_MEAN**2).sqrt()
 # steps, whose discretisation under-disperses narrow data by itself (−8 % here, see
 # test_ddim_is_the_exact_affine_map_for_gaussian_data), so 12 %.
 MEAN_TOL = 0.03
-STD_TOL = {"ddpm": 0.05, "ddim": 0.12, "dpm++": 0.05}
+STD_TOL = {"ddpm": 0.05, "ddim": 0.12, "dpm++": 0.05, "dpm++sde": 0.05}
 
 
 def _diffusion(learn_sigma: bool = True) -> GaussianDiffusion:
@@ -131,8 +131,11 @@ def moment_errors(x: torch.Tensor, std_tol: float) -> list[str]:
         ("ddpm", 250, False, {}),
         ("ddim", 50, True, {"eta": 0.0}),
         ("dpm++", 20, True, {}),
+        ("dpm++sde", 20, True, {}),
+        ("dpm++sde", 50, True, {}),
     ],
-    ids=["ddpm1000-learned", "ddpm250-learned", "ddpm250-fixed", "ddim50", "dpm++20"],
+    ids=["ddpm1000-learned", "ddpm250-learned", "ddpm250-fixed", "ddim50", "dpm++20", "dpm++sde20",
+         "dpm++sde50"],
 )
 def test_sampler_reproduces_data_moments(sampler: str, steps: int, learn_sigma: bool, kw: dict) -> None:
     x = _run(sampler, steps, learn_sigma, **kw)
@@ -301,7 +304,7 @@ def test_model_sees_original_timesteps_and_progress_counts(name: str) -> None:
     assert seen == [(k, 10) for k in range(1, 11)]
     ts = [t.tolist() for t in oracle.calls]
     assert all(t[0] == t[1] for t in ts) and oracle.calls[0].dtype == torch.long
-    expected = S.dpmpp_timesteps(d, 10) if name == "dpm++" else space_timesteps(1000, 10)
+    expected = S.dpmpp_timesteps(d, 10) if name.startswith("dpm++") else space_timesteps(1000, 10)
     assert [t[0] for t in ts] == expected[::-1]
 
 
@@ -323,8 +326,8 @@ def test_should_stop_cancels_between_steps(name: str) -> None:
 
 
 def test_defaults_registry_and_bad_steps() -> None:
-    assert set(S.SAMPLERS) == set(S.DEFAULT_STEPS) == {"ddpm", "ddim", "dpm++"}
-    assert S.DEFAULT_STEPS == {"ddpm": 1000, "ddim": 50, "dpm++": 20}
+    assert set(S.SAMPLERS) == set(S.DEFAULT_STEPS) == {"ddpm", "ddim", "dpm++", "dpm++sde"}
+    assert S.DEFAULT_STEPS == {"ddpm": 1000, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
     d = _diffusion()
     for name, fn in S.SAMPLERS.items():
         with pytest.raises(ValueError, match="between 1 and 1000"):
@@ -350,7 +353,9 @@ def test_low_precision_model_output_is_computed_in_float32() -> None:
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize(("name", "kw"), [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++", {})])
+@pytest.mark.parametrize(
+    ("name", "kw"), [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++", {}), ("dpm++sde", {})]
+)
 def test_per_sample_noise_makes_samples_independent_of_the_batch(name: str, kw: dict) -> None:
     d = _diffusion()
     oracle = MixtureDenoiser(d, True)
@@ -385,7 +390,7 @@ def test_cosine_logsnr_grid_starts_where_the_schedule_is_smooth() -> None:
     assert S.smooth_end(linear) == 999
 
 
-@pytest.mark.parametrize(("name", "steps"), [("ddpm", 50), ("ddim", 20), ("dpm++", 10)])
+@pytest.mark.parametrize(("name", "steps"), [("ddpm", 50), ("ddim", 20), ("dpm++", 10), ("dpm++sde", 10)])
 def test_v_prediction_samples_equal_eps_prediction_samples(name: str, steps: int) -> None:
     """The same exact denoiser, once as ε and once as v: every sampler gives the same slices."""
     from tests.exact_denoiser import SliceSetDenoiser

@@ -23,8 +23,10 @@ from training.evaluation import features as feat
 from training.evaluation.morphology import decode, intensity_distances, slice_figures
 from training.evaluation.reference import ReferenceSlices, load_reference
 
-FULL_SAMPLERS: tuple[tuple[str, int], ...] = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20))
-QUICK_SAMPLERS: tuple[tuple[str, int], ...] = (("ddpm", 250), ("dpm++", 20))
+FULL_SAMPLERS: tuple[tuple[str, int], ...] = (
+    ("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++sde", 20)
+)
+QUICK_SAMPLERS: tuple[tuple[str, int], ...] = (("ddpm", 250), ("dpm++", 20), ("dpm++sde", 20))
 # A setting is recommended when its Fréchet distance is within this factor of the table's best
 # and its masks are as clean; among those, the one with the fewest network calls wins.
 RECOMMEND_SLACK = 1.25
