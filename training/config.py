@@ -52,7 +52,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # steps between sample-grid PNGs; 0 = only at the end
     sample_count: int = 4
-    sample_sampler: str = "dpm++"
+    sample_sampler: str = "dpm++sde"
     sample_steps: int = 20
     ckpt_every: int = 500  # steps between checkpoints (+ one at the end)
     val_batches: int = 2  # global batches of fixed-noise validation loss per checkpoint; 0 = off

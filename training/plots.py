@@ -42,7 +42,7 @@ def write_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str 
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"loss, mean of {window} logs")
     if np.isfinite(mse).any():
-        ax.plot(steps, mse, lw=0.8, alpha=0.6, label="mse (ε)")
+        ax.plot(steps, mse, lw=0.8, alpha=0.6, label="mse of the network's target (ε or v)")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
     ax.set_yscale("log")
@@ -79,6 +79,7 @@ def _quick_panels(quick: list[dict[str, Any]], ax_x0: Axes, ax_fig: Axes) -> Non
                     label=f"{key.replace('_', ' ')} (samples)")
         ax_fig.axhline(quick[-1]["real"][key], color=colour, ls=":", lw=1)
     ax_fig.set_yscale("symlog", linthresh=1.0)
+    ax_fig.set_ylim(bottom=0)
     ax_fig.set_ylabel("sample figures\n(dotted: real)")
     ax_fig.legend(fontsize=7)
     ax_fig.grid(alpha=0.3)
