@@ -8,12 +8,18 @@ Recognised (all harmonised to modalities t1, t1ce, t2, flair, seg with labels {0
 - BraTS 2023 GLI: `BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1c.nii.gz` with t1n/t1c/t2w/t2f
   and the enhancing tumour as label 3 (mapped back to 4);
 - slices the research code already prepared: folders `FLAIR/ Seg/ T1/ T1CE/ T2/` of
-  256×256 8-bit PNGs with matching file names, seg stored as label/5×255. Each PNG is
-  `volume[:, :, z]` as saved by PIL (array rows = volume axis 0). Slices are grouped
-  into subjects by their name without a trailing `_<number>` (or `-<number>`).
+  256×256 8-bit PNGs with matching file names, masks stored as label/5×255 or as the
+  labels themselves (`PngMasks`). Each PNG is `volume[:, :, z]` as saved by PIL (array
+  rows = volume axis 0). Slices are grouped into subjects by their file names
+  (`SLICE_PATTERNS`, or a caller's regular expression with a `subject` group), because
+  the training/validation split is by subject.
+
+A run needs only the modalities it uses (`needed`); the others are kept when present.
+macOS archive leftovers (`__MACOSX/`, `._*`) and other hidden entries are ignored.
 
 Every problem with the data is a `DataError` whose one-line message names the subject
-and the file, so a CLI can print it instead of a stack trace.
+and the file, so a CLI can print it instead of a stack trace. With a `skipped` list,
+problems confined to one subject drop that subject and are appended to the list instead.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -42,7 +49,12 @@ _BRATS2021 = re.compile(r"^BraTS2021_\d+$")
 
 PNG_FOLDERS = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR", "seg": "Seg"}
 PNG_SIZE = 256
-_SLICE_SUFFIX = re.compile(r"^(?P<sid>.+?)[_-](?P<z>\d+)$")
+# How slice file names (without .png) tell their subject, tried in this order; the first
+# that fits every name in the folder groups it. Anything else needs a caller's pattern.
+SLICE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("<subject>_slice<n>", r"(?P<subject>.+)[_-](?:slice|z)[_-]?(?P<slice>\d+)"),
+    ("<subject>_<n>", r"(?P<subject>.+)[_-](?P<slice>\d+)"),
+)
 
 
 class DataError(ValueError):
@@ -78,24 +90,55 @@ def _nifti_suffix(subject: str, modality: str, naming: str) -> str:
     return f"{subject}_{modality}.nii.gz"
 
 
-def find_subjects(root: str | Path, require_seg: bool = True) -> list[Subject]:
-    """All subjects under `root`, sorted by id; a DataError for anything incomplete.
+def _ignored(name: str) -> bool:
+    """macOS zips carry `__MACOSX/` and AppleDouble `._<name>` twins of every file; those
+    look like subjects but hold no image. Hidden entries (our own cache too) are never data."""
+    return name == "__MACOSX" or name.startswith(".")
+
+
+def _refuse_or_skip(problem: str, skipped: list[str] | None) -> None:
+    if skipped is None:
+        raise DataError(problem)
+    skipped.append(problem)
+
+
+def find_subjects(
+    root: str | Path,
+    needed: Sequence[str] = ALL_MODALITIES,
+    *,
+    slice_pattern: str = "",
+    skipped: list[str] | None = None,
+) -> list[Subject]:
+    """All subjects under `root` that have every `needed` modality, sorted by id.
 
     NIfTI subjects are found anywhere below `root`; a `root` that holds the
-    `T1/ T1CE/ T2/ FLAIR/ Seg/` folders is read as prepared PNG slices instead.
+    `T1/ T1CE/ T2/ FLAIR/ Seg/` folders is read as prepared PNG slices instead, grouped
+    into subjects by `slice_pattern` (a regular expression with a `subject` group,
+    matched against whole file names without .png) or else by SLICE_PATTERNS.
+    Modalities beyond `needed` are included when present. A subject with a problem of
+    its own is a DataError, or with `skipped` a line appended there and left out.
     """
     root = Path(root)
+    needed = [m for m in ALL_MODALITIES if m in needed]
+    if not needed:
+        raise ValueError("find_subjects needs at least one modality")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     png_root = _png_folders(root)
     if png_root is not None:
-        return _find_png_subjects(root, png_root, require_seg)
+        return _find_png_subjects(root, png_root, needed, slice_pattern, skipped)
+    if slice_pattern:
+        raise DataError(f"{root} holds no PNG slice folders; a slice pattern only groups PNG slices")
 
     found: dict[tuple[Path, str], dict[str, Path]] = {}
     namings: dict[tuple[Path, str], str] = {}
+    problems: dict[tuple[Path, str], str] = {}
+    claimed: set[Path] = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
         for name in sorted(filenames):
+            if _ignored(name):
+                continue
             match = _GLI.match(name)
             if match:
                 naming, modality = "2023", _GLI_MODALITY[match["mod"].lower()]
@@ -107,10 +150,12 @@ def find_subjects(root: str | Path, require_seg: bool = True) -> list[Subject]:
                 naming = "2021" if _BRATS2021.match(match["sid"]) else "2020"
             key = (Path(dirpath), match["sid"])
             files = found.setdefault(key, {})
+            claimed.add(Path(dirpath) / name)
             if modality in files:
-                raise DataError(
-                    f"{match['sid']}: two files for {modality}: {files[modality].name} and {name}"
+                problems.setdefault(
+                    key, f"{match['sid']}: two files for {modality}: {files[modality].name} and {name}"
                 )
+                continue
             files[modality] = Path(dirpath) / name
             namings[key] = naming
     if not found:
@@ -119,49 +164,62 @@ def find_subjects(root: str | Path, require_seg: bool = True) -> list[Subject]:
             "BraTS20_Training_001_t1.nii.gz, BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz, "
             "or folders T1/ T1CE/ T2/ FLAIR/ Seg/ of PNG slices)"
         )
+    subjects_in = Counter(folder for folder, _ in found)
     subjects = []
     seen: dict[str, Path] = {}
     for (folder, sid), files in sorted(found.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
         naming = namings[(folder, sid)]
-        if "seg" not in files:
-            stray = _stray_seg(folder, set(files.values()))
-            if stray is not None:
-                files["seg"] = stray
-        needed = ALL_MODALITIES if require_seg else IMAGE_MODALITIES
-        for modality in needed:
-            if modality not in files:
-                expected = _nifti_suffix(sid, modality, naming)
-                raise DataError(f"{sid}: missing {modality} (expected {expected} in {folder})")
         if sid in seen:
             raise DataError(f"{sid}: the same subject is in both {seen[sid]} and {folder}")
         seen[sid] = folder
+        # An oddly named mask can only be this subject's when no other subject shares the
+        # folder: in a flat folder a mask-less (validation) subject would take a neighbour's.
+        if "seg" not in files and subjects_in[folder] == 1:
+            stray = _stray_seg(folder, claimed)
+            if stray is not None:
+                files["seg"] = stray
+        problem = problems.get((folder, sid))
+        for modality in needed:
+            if problem is None and modality not in files:
+                expected = _nifti_suffix(sid, modality, naming)
+                problem = f"{sid}: missing {modality} (expected {expected} in {folder})"
+        if problem is not None:
+            _refuse_or_skip(problem, skipped)
+            continue
         subjects.append(Subject(sid, naming, {m: files[m] for m in ALL_MODALITIES if m in files}))
+    if not subjects:
+        raise DataError(f"no usable subjects under {root}; the first problem: {(skipped or ['?'])[0]}")
     return subjects
 
 
-def _stray_seg(folder: Path, used: set[Path]) -> Path | None:
-    """The one other NIfTI with "seg" in its name, if any.
+def _stray_seg(folder: Path, claimed: set[Path]) -> Path | None:
+    """The one NIfTI in `folder` with "seg" in its name that no subject's naming claims, if any.
 
     BraTS 2020 training subject 355 ships its mask as `W39_1998.09.19_Segm.nii`.
     """
     candidates = [
         p
         for p in folder.iterdir()
-        if p not in used and "seg" in p.name.lower() and p.name.lower().endswith((".nii", ".nii.gz"))
+        if p not in claimed
+        and not _ignored(p.name)
+        and "seg" in p.name.lower()
+        and p.name.lower().endswith((".nii", ".nii.gz"))
     ]
     return candidates[0] if len(candidates) == 1 else None
 
 
-def load_subject(subject: Subject) -> dict[str, np.ndarray]:
+def load_subject(subject: Subject, modalities: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """A NIfTI subject's volumes: images float32, seg uint8 with BraTS labels {0,1,2,4}.
 
-    Every volume must be 3-D and the same shape as the subject's T1.
+    Reads `modalities` where the subject has them (default: every file it has). Every
+    volume must be 3-D and the same shape as the first one read.
     """
     if subject.naming == "png":
         raise DataError(f"{subject.id}: PNG subjects are read with load_png_subject")
+    wanted = ALL_MODALITIES if modalities is None else modalities
     out: dict[str, np.ndarray] = {}
     shape: tuple[int, ...] | None = None
-    for modality in ALL_MODALITIES:
+    for modality in [m for m in ALL_MODALITIES if m in wanted]:
         path = subject.files.get(modality)
         if path is None:
             continue
@@ -171,10 +229,10 @@ def load_subject(subject: Subject) -> dict[str, np.ndarray]:
         if data.ndim != 3:
             raise DataError(f"{subject.id}: {path.name} has shape {data.shape}, expected a 3-D volume")
         if shape is None:
-            shape = data.shape
+            shape, first = data.shape, modality
         elif data.shape != shape:
             raise DataError(
-                f"{subject.id}: {path.name} has shape {data.shape}, expected {shape} like its t1"
+                f"{subject.id}: {path.name} has shape {data.shape}, expected {shape} like its {first}"
             )
         if modality == "seg":
             out[modality] = _harmonise_labels(subject, path, data)
@@ -220,61 +278,181 @@ def _harmonise_labels(subject: Subject, path: Path, data: np.ndarray) -> np.ndar
 # Prepared PNG slices (the research layout)
 
 
+def is_png_data(root: str | Path) -> bool:
+    """Whether `root` holds research PNG folders rather than NIfTI subjects."""
+    return Path(root).is_dir() and _png_folders(Path(root)) is not None
+
+
 def _png_folders(root: Path) -> dict[str, Path] | None:
-    """modality → folder when `root` holds the research PNG folders (case-insensitive)."""
+    """modality → folder when `root` holds research PNG folders (case-insensitive), at least
+    one of them an image folder with PNG files in it."""
     try:
-        children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+        children = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not _ignored(p.name)}
     except OSError as e:
         raise DataError(f"cannot list {root}: {e.strerror}") from None
     folders = {m: children[name.lower()] for m, name in PNG_FOLDERS.items() if name.lower() in children}
-    if "t1" in folders and "t1ce" in folders:
+    if any(m != "seg" and _png_names(folder) for m, folder in folders.items()):
         return folders
     return None
 
 
-def png_subject_id(stem: str) -> str:
-    """Subject of a slice file: its name without a trailing `_<slice>` / `-<slice>` number."""
-    match = _SLICE_SUFFIX.match(stem)
-    return match["sid"] if match else stem
+def _png_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and not _ignored(p.name)}
 
 
-def _slice_key(name: str) -> tuple[str, int, str]:
-    stem = Path(name).stem
-    match = _SLICE_SUFFIX.match(stem)
-    return (match["sid"], int(match["z"]), name) if match else (stem, -1, name)
+def _slice_grouping(
+    where: str, names: Iterable[str], slice_pattern: str
+) -> tuple[dict[str, tuple[str, int]], re.Pattern[str]]:
+    """(name → (subject, slice number or -1), the pattern used) for every slice file name.
+
+    A DataError, naming a file, when the names cannot be grouped: a subject that is split
+    wrongly would put slices of one patient on both sides of the validation split.
+    """
+    names = sorted(names)
+    if slice_pattern:
+        try:
+            pattern = re.compile(slice_pattern)
+        except re.error as e:
+            raise DataError(f"slice pattern {slice_pattern!r} is not a regular expression: {e}") from None
+        if "subject" not in pattern.groupindex:
+            raise DataError(f"slice pattern {slice_pattern!r} has no (?P<subject>...) group")
+        candidates = [pattern]
+    else:
+        candidates = [re.compile(regex, re.IGNORECASE) for _, regex in SLICE_PATTERNS]
+    first_misfit: list[tuple[int, str]] = []
+    for pattern in candidates:
+        matches = {name: pattern.fullmatch(Path(name).stem) for name in names}
+        misfits = [name for name, m in matches.items() if m is None or not m["subject"]]
+        if misfits:
+            first_misfit.append((len(misfits), misfits[0]))
+            continue
+        keys = {}
+        for name, m in matches.items():
+            assert m is not None
+            z = m.groupdict().get("slice")
+            if z is not None and not z.isdigit():
+                raise DataError(f"{where}/{name}: the slice pattern's slice group matched {z!r}, no number")
+            keys[name] = (m["subject"], int(z) if z is not None else -1)
+        return keys, pattern
+    _, name = min(first_misfit)
+    builtin = " or ".join(f"{label}.png" for label, _ in SLICE_PATTERNS)
+    expected = repr(slice_pattern) if slice_pattern else builtin
+    raise DataError(
+        f"{where}/{name}: cannot tell the subject from the file name (expected {expected}; for other "
+        "names give --slice-pattern, a regular expression with a (?P<subject>...) group)"
+    )
 
 
-def _find_png_subjects(root: Path, folders: dict[str, Path], require_seg: bool) -> list[Subject]:
-    needed = ALL_MODALITIES if require_seg else IMAGE_MODALITIES
+def _find_png_subjects(
+    root: Path, folders: dict[str, Path], needed: Sequence[str], slice_pattern: str, skipped: list[str] | None
+) -> list[Subject]:
     for modality in needed:
         if modality not in folders:
             raise DataError(f"{root}: prepared PNG data has no {PNG_FOLDERS[modality]}/ folder")
-    names = {m: {p.name for p in folders[m].iterdir() if p.suffix.lower() == ".png"} for m in folders}
-    reference = names["t1"]
+    names = {m: _png_names(folder) for m, folder in folders.items()}
+    ref = PNG_FOLDERS[needed[0]]
+    reference = names[needed[0]]
     if not reference:
-        raise DataError(f"{root}: {PNG_FOLDERS['t1']}/ has no PNG files")
-    for modality in needed:
-        missing = sorted(reference - names[modality])
+        raise DataError(f"{root}: {ref}/ has no PNG files")
+    keys, pattern = _slice_grouping(ref, reference, slice_pattern)
+
+    def subject_of(name: str) -> str:
+        m = pattern.fullmatch(Path(name).stem)
+        return m["subject"] if m and m["subject"] else Path(name).stem
+
+    problems: dict[str, str] = {}
+    kept: dict[str, Path] = {}
+    for modality, folder in folders.items():
+        missing = sorted(reference - names[modality], key=lambda n: (keys[n], n))
         extra = sorted(names[modality] - reference)
-        if missing:
-            sid = png_subject_id(Path(missing[0]).stem)
-            raise DataError(
-                f"{sid}: {missing[0]} is in {PNG_FOLDERS['t1']}/ but missing from {PNG_FOLDERS[modality]}/"
-            )
-        if extra:
-            sid = png_subject_id(Path(extra[0]).stem)
-            raise DataError(
-                f"{sid}: {extra[0]} is in {PNG_FOLDERS[modality]}/ but missing from {PNG_FOLDERS['t1']}/"
-            )
+        if modality not in needed:
+            if not missing and not extra:
+                kept[modality] = folder  # unused, but the data fingerprint has always covered it
+            continue
+        kept[modality] = folder
+        there = PNG_FOLDERS[modality]
+        for name in missing:
+            sid = keys[name][0]
+            problems.setdefault(sid, f"{sid}: {name} is in {ref}/ but missing from {there}/")
+        for name in extra:
+            sid = subject_of(name)
+            problems.setdefault(sid, f"{sid}: {name} is in {there}/ but missing from {ref}/")
+    for problem in problems.values():
+        _refuse_or_skip(problem, skipped)
     groups: dict[str, list[str]] = {}
-    for name in sorted(reference, key=_slice_key):
-        groups.setdefault(png_subject_id(Path(name).stem), []).append(name)
-    kept = {m: folders[m] for m in ALL_MODALITIES if m in folders}
-    return [Subject(sid, "png", dict(kept), tuple(groups[sid])) for sid in sorted(groups)]
+    for name in sorted(reference, key=lambda n: (keys[n], n)):
+        groups.setdefault(keys[name][0], []).append(name)
+    subjects = [Subject(sid, "png", dict(kept), tuple(names)) for sid, names in sorted(groups.items())
+                if sid not in problems]
+    if not subjects:
+        first = next(iter(problems.values()))
+        raise DataError(f"no usable subjects under {root}; the first problem: {first}")
+    return subjects
 
 
-def load_png_subject(subject: Subject, modalities: Sequence[str] = ALL_MODALITIES) -> dict[str, np.ndarray]:
-    """(n_slices, 256, 256) uint8 stacks per modality, exactly as stored."""
+class PngMasks:
+    """Decodes PNG masks to BraTS labels {0,1,2,4}, one encoding per dataset.
+
+    Masks store either the research code's label/5×255 (0/51/102/204) or the labels
+    themselves (0/1/2/4, or BraTS 2023's 0/1/2/3 where 3 is the enhancing tumour). The
+    value sets are disjoint, so each mask with tumour tells its encoding; the first one
+    that does fixes it for the dataset, and a mask that disagrees is refused, as are
+    values of neither encoding (they would otherwise fail only in training, unnamed).
+    """
+
+    def __init__(self) -> None:
+        self.scale: tuple[int, str] | None = None  # 1 (labels) or 51 (label/5×255), and the file that said so
+        self.enhancing: tuple[int, str] | None = None  # 4 or 3, and the file that said so
+
+    def labels(self, sid: str, path: Path, stored: np.ndarray) -> np.ndarray:
+        where = f"{path.parent.name}/{path.name}"
+        values = [int(v) for v in np.unique(stored) if v]
+        if not values:
+            return np.zeros(stored.shape, dtype=np.uint8)
+        scale = 1 if max(values) <= 4 else 51
+        labels = {v // scale for v in values}
+        if any(v % scale for v in values) or not labels <= {1, 2, 3, 4}:
+            shown = ", ".join(map(str, values[:8])) + (", …" if len(values) > 8 else "")
+            raise DataError(
+                f"{sid}: {where} has mask values [{shown}]; expected BraTS labels 0/1/2/4 (or 0/1/2/3) "
+                "or labels stored as label/5×255 (0/51/102/204)"
+            )
+        if {3, 4} <= labels:
+            raise DataError(
+                f"{sid}: {where} has both 3 and 4 in one mask; the enhancing tumour is 4 "
+                "(BraTS 2020/2021) or 3 (BraTS 2023), not both"
+            )
+        encoding = {1: "labels as values (0/1/2/4)", 51: "labels as label/5×255 (0/51/102/204)"}
+        self.scale = self._agree(self.scale, scale, sid, where, lambda v: f"stores {encoding[v]}")
+        for et in (3, 4):
+            if et in labels:
+                self.enhancing = self._agree(
+                    self.enhancing, et, sid, where, lambda v: f"has enhancing tumour as label {v}"
+                )
+        lut = np.arange(256) // scale
+        lut[3 * scale] = 4  # a mask whose enhancing tumour is 3 (BraTS 2023) has no other 3
+        return lut.astype(np.uint8)[stored]
+
+    @staticmethod
+    def _agree(
+        known: tuple[int, str] | None, value: int, sid: str, where: str, says: Callable[[int], str]
+    ) -> tuple[int, str]:
+        if known is not None and known[0] != value:
+            raise DataError(
+                f"{sid}: {where} {says(value)} but {known[1]} {says(known[0])}; one dataset's masks "
+                "must all use one encoding"
+            )
+        return known or (value, where)
+
+
+def load_png_subject(
+    subject: Subject, modalities: Sequence[str] = ALL_MODALITIES, masks: PngMasks | None = None
+) -> dict[str, np.ndarray]:
+    """(n_slices, 256, 256) uint8 stacks per modality: images as stored, seg as BraTS labels.
+
+    Pass one `PngMasks` for a whole dataset so that every mask is held to one encoding.
+    """
+    masks = masks if masks is not None else PngMasks()
     out: dict[str, np.ndarray] = {}
     for modality in modalities:
         if modality not in subject.files:
@@ -282,7 +460,8 @@ def load_png_subject(subject: Subject, modalities: Sequence[str] = ALL_MODALITIE
         folder = subject.files[modality]
         stack = np.empty((len(subject.slices), PNG_SIZE, PNG_SIZE), dtype=np.uint8)
         for k, name in enumerate(subject.slices):
-            stack[k] = read_png(subject.id, folder / name)
+            stored = read_png(subject.id, folder / name)
+            stack[k] = masks.labels(subject.id, folder / name, stored) if modality == "seg" else stored
         out[modality] = stack
     return out
 

@@ -7,6 +7,11 @@ file's relative name, size and mtime, the preprocessing parameters and the code
 version, so a second build with the same inputs reuses the entry and any change
 makes a new one. Entries are written under a temporary name and renamed into place,
 so an interrupted build never leaves a half cache that looks complete.
+
+The index also says what a build did beyond the slices: whether tumour flags were read
+from the masks (a run without a mask channel reads none unless asked), and which
+subjects it left out for problems of their own. An entry that lacks what a caller needs
+is rebuilt in place; its slices, and so its fingerprint, are the same.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,7 @@ class SliceCache:
     folder: Path
     index: dict[str, Any]
     reused: bool = False  # True when an existing entry was found instead of built
+    skipped: list[str] = field(default_factory=list)  # "subject: problem" for each subject left out
 
     @property
     def array_path(self) -> Path:
@@ -93,14 +99,21 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + body.encode("latin1")
 
 
-def load_cache(cache_dir: Path, fingerprint: str) -> SliceCache | None:
-    """The complete entry for `fingerprint`, or None."""
+def load_cache(cache_dir: Path, fingerprint: str, need_tumour_flags: bool = False) -> SliceCache | None:
+    """The complete entry for `fingerprint` (with tumour flags if needed), or None."""
     folder = cache_dir / fingerprint[:16]
     try:
         index = json.loads((folder / "index.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if index.get("fingerprint") != fingerprint or not (folder / "slices.npy").is_file():
+        return None
+    # Entries written before PNG masks were decoded hold raw-label masks as if they were
+    # label/5×255 (all background); entries from before the flag always read masks.
+    png = any(entry["naming"] == "png" for entry in index["subjects"][:1])
+    if png and not index.get("png_masks_decoded"):
+        return None
+    if need_tumour_flags and not index.get("tumour_flags", True):
         return None
     return SliceCache(folder, index)
 
@@ -113,9 +126,17 @@ def build_cache(
     make_slices: Callable[[Subject], SubjectSlices],
     dtype: np.dtype,
     progress: Callable[[Iterable[Subject]], Iterable[Subject]] | None = None,
+    *,
+    tumour_flags: bool = True,
+    skipped: list[str] | None = None,
 ) -> SliceCache:
-    """Preprocess every subject into a new entry (streamed to disk), or reuse a complete one."""
-    existing = load_cache(cache_dir, fingerprint)
+    """Preprocess every subject into a new entry (streamed to disk), or reuse a complete one.
+
+    `tumour_flags` says that `make_slices` reads the masks. With a `skipped` list, a
+    subject whose `make_slices` raises a DataError is left out and its message recorded
+    (in the list and the index); without one the error propagates.
+    """
+    existing = load_cache(cache_dir, fingerprint, need_tumour_flags=tumour_flags)
     if existing is not None:
         existing.reused = True
         return existing
@@ -134,7 +155,13 @@ def build_cache(
         with open(tmp / "slices.npy", "wb") as f:
             f.write(_npy_header((0, *shape_tail), dtype))
             for subject in progress(subjects) if progress else subjects:
-                sl = make_slices(subject)
+                try:
+                    sl = make_slices(subject)
+                except DataError as e:
+                    if skipped is None:
+                        raise
+                    skipped.append(str(e))
+                    continue
                 if sl.data.shape[1:] != shape_tail:
                     raise DataError(f"{subject.id}: preprocessing gave slices of shape {sl.data.shape[1:]}")
                 f.write(np.ascontiguousarray(sl.data, dtype=dtype).tobytes())
@@ -146,6 +173,8 @@ def build_cache(
                 tumour_all.extend(bool(v) for v in sl.has_tumour)
             f.seek(0)
             f.write(_npy_header((rows, *shape_tail), dtype))
+        if skipped and not entries:
+            raise DataError(f"every subject has a problem; the first: {skipped[0]}")
         index = {
             "fingerprint": fingerprint,
             "code_version": CODE_VERSION,
@@ -155,19 +184,22 @@ def build_cache(
             "subjects": entries,
             "z": z_all,
             "has_tumour": tumour_all,
+            "tumour_flags": tumour_flags,
+            "png_masks_decoded": True,
+            "skipped": list(skipped or []),
         }
         (tmp / "index.json").write_text(json.dumps(index))
-        if final.exists() and load_cache(cache_dir, fingerprint) is None:
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete or foreign entry
+        if final.exists() and load_cache(cache_dir, fingerprint, tumour_flags) is None:
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete, foreign or outdated entry
         try:
             os.replace(tmp, final)
         except OSError:
             # Another process finished the same entry first; theirs is identical.
-            if load_cache(cache_dir, fingerprint) is None:
+            if load_cache(cache_dir, fingerprint, tumour_flags) is None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cache = load_cache(cache_dir, fingerprint)
+    cache = load_cache(cache_dir, fingerprint, tumour_flags)
     if cache is None:
         raise DataError(f"slice cache {final} could not be written")
     return cache

@@ -65,6 +65,8 @@ class TrainConfig:
     tumour_fraction: float = -1.0  # fraction of tumour-containing slices; < 0 = natural
     hflip: bool = False  # random left-right flips of training slices
     cache_dir: str = ""  # slice cache; "" = <data>/.synthmri-cache
+    slice_pattern: str = ""  # PNG folders: regex with a (?P<subject>...) group; "" = the built-in names
+    skip_bad_subjects: bool = False  # leave out (and list) subjects with bad or missing files
     num_workers: int = 0  # DataLoader worker processes per rank
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True  # tqdm bar on the master rank

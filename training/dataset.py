@@ -17,7 +17,16 @@ import torch
 from torch.utils.data import Dataset
 
 from synthmri.channels import SEG, channels_of
-from training.brats import DataError, Subject, find_subjects, load_png_subject, load_subject
+from training.brats import (
+    ALL_MODALITIES,
+    DataError,
+    PngMasks,
+    Subject,
+    find_subjects,
+    is_png_data,
+    load_png_subject,
+    load_subject,
+)
 from training.cache import SliceCache, build_cache, data_fingerprint
 from training.preprocess import (
     SliceParams,
@@ -85,6 +94,12 @@ class SliceDataset(Dataset[torch.Tensor]):
         return state
 
 
+def skip_report(skipped: Sequence[str]) -> str:
+    """What `skip_bad_subjects` left out, one subject per line, for a CLI to print."""
+    lines = "".join(f"\n  {line}" for line in skipped)
+    return f"skipped {len(skipped)} subject{'s' if len(skipped) != 1 else ''} with problems:{lines}"
+
+
 def split_subjects(ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic subject-level split: val gets round(val_fraction·n) subjects (≥ 1 if > 0)."""
     if not 0.0 <= val_fraction < 1.0:
@@ -117,17 +132,29 @@ def prepare_cache(
     min_brain_fraction: float = 0.1,
     crop: str = "brain",
     need_tumour_flags: bool = False,
+    slice_pattern: str = "",
+    skip_bad_subjects: bool = False,
     progress: bool = False,
 ) -> tuple[SliceCache, list[Subject]]:
-    """Find the subjects and build (or reuse) their slice cache."""
+    """Find the subjects and build (or reuse) their slice cache; returns the subjects in it.
+
+    Reads only what the channel set uses, plus the masks when `need_tumour_flags`, T1 in
+    research mode (it picks the slices) and, in percentile mode, the other sequences a
+    subject has (its brain mask). With `skip_bad_subjects` a subject with a problem of
+    its own is left out and listed in `cache.skipped` instead of failing the whole build.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8, got {image_size}")
     channels = channels_of(channel_set)
     root = Path(data_dir)
-    subjects = find_subjects(root, require_seg=SEG in channels or need_tumour_flags)
-    png = subjects[0].naming == "png"
+    png = is_png_data(root)
+    masks = SEG in channels or need_tumour_flags
+    needed = list(dict.fromkeys([*channels, *([SEG] if masks else []),
+                                 *(["t1"] if mode == "research" and not png else [])]))
+    find_skipped: list[str] | None = [] if skip_bad_subjects else None
+    subjects = find_subjects(root, needed, slice_pattern=slice_pattern, skipped=find_skipped)
     # Prepared PNGs are already the research 8-bit slices; there are no volumes to re-normalise.
     params = SliceParams(
         channels=channels,
@@ -138,12 +165,13 @@ def prepare_cache(
     )
     fingerprint = data_fingerprint(root, subjects, params)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    read = [m for m in ALL_MODALITIES if m in needed or (m != SEG and params.mode == "percentile")]
+    png_masks = PngMasks()
 
     def make_slices(subject: Subject) -> SubjectSlices:
         if png:
-            wanted = list(dict.fromkeys([*channels, *([SEG] if subject.has_seg else [])]))
-            return png_slices(load_png_subject(subject, wanted), params)
-        volumes = load_subject(subject)
+            return png_slices(load_png_subject(subject, needed, png_masks), params)
+        volumes = load_subject(subject, read)
         if params.mode == "research":
             return research_slices(volumes, params)
         return percentile_slices(volumes, params)
@@ -156,8 +184,17 @@ def prepare_cache(
             return tqdm(items, desc="preprocess", unit="subject", total=len(subjects))
 
     dtype = np.dtype(np.uint8) if params.mode == "research" else np.dtype(np.float16)
-    cache = build_cache(folder, fingerprint, subjects, params, make_slices, dtype, progress=bar)
-    return cache, subjects
+    try:
+        cache = build_cache(folder, fingerprint, subjects, params, make_slices, dtype, progress=bar,
+                            tumour_flags=masks, skipped=[] if skip_bad_subjects else None)
+    except OSError as e:
+        raise DataError(f"cannot write the slice cache in {folder}: {e.strerror or e}") from None
+    recorded = [str(line) for line in cache.index.get("skipped", [])]
+    if recorded and not skip_bad_subjects:
+        raise DataError(recorded[0])  # a cache built while skipping; this run skips nothing
+    cache.skipped = [*(find_skipped or []), *recorded]
+    kept = {entry["id"] for entry in cache.index["subjects"]}
+    return cache, [s for s in subjects if s.id in kept]
 
 
 def build_datasets(
@@ -174,13 +211,16 @@ def build_datasets(
     crop: str = "brain",
     hflip: bool = False,
     tumour_method: str = "oversample",
+    slice_pattern: str = "",
+    skip_bad_subjects: bool = False,
     progress: bool = False,
 ) -> tuple[SliceDataset, SliceDataset, str]:
     """(train, val, fingerprint): slice datasets split by subject, deterministic in `seed`.
 
     `tumour_fraction` (training split only) re-balances slices so that fraction of them
     contain tumour (`tumour_method` "oversample" repeats, "filter" drops). The datasets
-    carry `.mode` — "research" for prepared PNG folders whatever `mode` says.
+    carry `.mode` — "research" for prepared PNG folders whatever `mode` says — and
+    `.cache.skipped`, the subjects `skip_bad_subjects` left out and why.
     """
     cache, _ = prepare_cache(
         data_dir,
@@ -191,6 +231,8 @@ def build_datasets(
         min_brain_fraction=min_brain_fraction,
         crop=crop,
         need_tumour_flags=tumour_fraction is not None,
+        slice_pattern=slice_pattern,
+        skip_bad_subjects=skip_bad_subjects,
         progress=progress,
     )
     ids = [entry["id"] for entry in cache.index["subjects"]]

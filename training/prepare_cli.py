@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from synthmri.channels import CHANNEL_SETS, ChannelSetError
 from synthmri.cli import CliError, make_parser
 from training.brats import DataError
-from training.dataset import MODES, prepare_cache, split_subjects
+from training.dataset import MODES, prepare_cache, skip_report, split_subjects
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +27,13 @@ def main(argv: list[str]) -> int:
                         help="square crop around the brain, or the whole slice")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of subjects held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subject split")
+    parser.add_argument("--slice-pattern", default="",
+                        help="PNG folders: regular expression with a (?P<subject>...) group (and optionally "
+                             "(?P<slice>\\d+)) matched against file names without .png; default: "
+                             "<subject>_slice<n> or <subject>_<n>")
+    parser.add_argument("--skip-bad-subjects", action="store_true",
+                        help="leave out subjects with missing or unreadable files and list them, "
+                             "instead of stopping at the first")
     args = parser.parse_args(argv)
     if args.size < 8:
         raise CliError("--size must be at least 8")
@@ -42,18 +50,23 @@ def main(argv: list[str]) -> int:
             cache_dir=args.cache,
             min_brain_fraction=args.min_brain_fraction,
             crop=args.crop,
+            slice_pattern=args.slice_pattern,
+            skip_bad_subjects=args.skip_bad_subjects,
             progress=True,
         )
     except (DataError, ChannelSetError) as e:
         raise CliError(str(e)) from None
-    except OSError as e:
-        raise CliError(f"cannot write the cache: {e.strerror or e}") from None
+    if cache.skipped:
+        print(skip_report(cache.skipped), file=sys.stderr)
     n = int(cache.index["shape"][0])
-    tumour = int(np.count_nonzero(cache.has_tumour))
+    if cache.index.get("tumour_flags", True):
+        tumour = f"{int(np.count_nonzero(cache.has_tumour))} with tumour"
+    else:
+        tumour = f"masks not read for {args.channels}"
     train, val = split_subjects([s.id for s in subjects], args.val_fraction, args.seed)
     state = "reused" if cache.reused else "built"
     print(f"{len(subjects)} subjects ({len(train)} train / {len(val)} val), {n} slices "
-          f"({tumour} with tumour), {cache.index['dtype']} {tuple(cache.index['shape'][1:])}, "
+          f"({tumour}), {cache.index['dtype']} {tuple(cache.index['shape'][1:])}, "
           f"mode {cache.index['params']['mode']}")
     print(f"cache {state}: {cache.folder}")
     print(f"fingerprint {cache.fingerprint}")

@@ -184,8 +184,12 @@ class SubjectSlices:
 
 
 def percentile_slices(volumes: Mapping[str, np.ndarray], params: SliceParams) -> SubjectSlices:
-    """Percentile-mode slices of one subject's volumes (see module docstring)."""
-    mask = brain_mask(volumes)
+    """Percentile-mode slices of one subject's volumes (see module docstring).
+
+    The brain mask is the union over the image volumes given, so a run reads every
+    sequence the subject has even when its channels use fewer.
+    """
+    mask = brain_mask(volumes, [m for m in IMAGE_MODALITIES if m in volumes])
     z = select_slices(mask, params.min_brain_fraction)
     size = params.image_size
     if params.crop == "brain":
@@ -280,8 +284,9 @@ def resize_stored(data: np.ndarray, channels: Sequence[str], size: int) -> np.nd
 
 
 def png_slices(stacks: Mapping[str, np.ndarray], params: SliceParams) -> SubjectSlices:
-    """Prepared research PNG stacks (N, 256, 256) uint8 → stored research slices."""
-    data = np.stack([stacks[name] for name in params.channels], axis=1)
+    """Prepared research PNG stacks (N, 256, 256) uint8, seg as BraTS labels → stored research slices."""
+    data = np.stack([research_seg(stacks[name]) if name == SEG else stacks[name] for name in params.channels],
+                    axis=1)
     data = resize_stored(data, params.channels, params.image_size)
     z = np.arange(data.shape[0], dtype=np.int32)
     has_tumour = np.zeros(data.shape[0], dtype=bool)

@@ -47,6 +47,7 @@ from model.unet import UNetModel
 from synthmri.atomic import atomic_write
 from synthmri.channels import channels_of
 from synthmri.cli import CliError, make_parser
+from training.brats import DataError
 from training.config import TrainConfig, add_config_arguments, config_from_args, from_dict
 from training.ema import EMA
 from training.metrics import MetricsLog
@@ -211,14 +212,15 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.d
 
 
 def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset[Any], Dataset[Any], str]:
-    from training.dataset import build_datasets
+    from training.dataset import SliceDataset, build_datasets, skip_report
 
-    def build() -> tuple[Dataset[Any], Dataset[Any], str]:
+    def build() -> tuple[SliceDataset, SliceDataset, str]:
         return build_datasets(
             cfg.data, cfg.channel_set, cfg.image_size, mode=cfg.mode, val_fraction=cfg.val_fraction,
             seed=cfg.seed, cache_dir=cfg.cache_dir or None,
             tumour_fraction=cfg.tumour_fraction if cfg.tumour_fraction >= 0 else None,
-            hflip=cfg.hflip, progress=is_master and cfg.progress,
+            hflip=cfg.hflip, slice_pattern=cfg.slice_pattern, skip_bad_subjects=cfg.skip_bad_subjects,
+            progress=is_master and cfg.progress,
         )
 
     # The master fills the slice cache first so the ranks never race on writing it.
@@ -227,6 +229,8 @@ def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset
     result = build()
     if ddp and is_master:
         dist.barrier()
+    if is_master and result[0].cache.skipped:
+        print(skip_report(result[0].cache.skipped), file=sys.stderr)
     return result
 
 
@@ -567,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.out:
             raise CliError("--out DIR is required")
         summary = train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
     if summary["sha256"]:
         print(f"checkpoint {summary['out']} (sha256 {summary['sha256'][:16]}…) at step {summary['step']}")

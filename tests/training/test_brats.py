@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.training.conftest import nii
-from training.brats import DataError, find_subjects, load_png_subject, load_subject, png_subject_id
+from training.brats import IMAGE_MODALITIES, DataError, find_subjects, load_png_subject, load_subject
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_validation_subjects_without_seg(tiny_2020: Path, tmp_path: Path) -> Non
         )
     with pytest.raises(DataError, match=r"^BraTS20_Validation_001: missing seg \(expected "):
         find_subjects(root)
-    (subject,) = find_subjects(root, require_seg=False)
+    (subject,) = find_subjects(root, IMAGE_MODALITIES)
     assert subject.id == "BraTS20_Validation_001" and not subject.has_seg
     assert set(load_subject(subject)) == {"t1", "t1ce", "t2", "flair"}
 
@@ -161,8 +161,8 @@ def test_png_folders_group_slices_by_subject(tmp_path: Path) -> None:
     assert subjects[0].slices == ("BraTS20_Training_001_9.png", "BraTS20_Training_001_70.png")
     stacks = load_png_subject(subjects[0])
     np.testing.assert_array_equal(stacks["t1ce"][1], slices["BraTS20_Training_001_70.png"]["t1ce"])
-    np.testing.assert_array_equal(stacks["seg"][0], slices["BraTS20_Training_001_9.png"]["seg"])
-    assert png_subject_id("case-12") == "case" and png_subject_id("scan") == "scan"
+    # masks are stored as label/5×255 and read back as BraTS labels
+    np.testing.assert_array_equal(stacks["seg"][0] * 51, slices["BraTS20_Training_001_9.png"]["seg"])
 
 
 def test_png_errors_name_subject_and_file(tmp_path: Path) -> None:

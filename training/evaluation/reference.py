@@ -81,7 +81,9 @@ def load_reference(
     mode = str(recipe.get("mode", config.normalisation.method))
     fraction = recipe.get("tumour_fraction")
     fraction = float(fraction) if fraction is not None and float(fraction) >= 0 else None
-    kw: dict[str, Any] = dict(mode=mode, need_tumour_flags=True, progress=progress)
+    kw: dict[str, Any] = dict(mode=mode, need_tumour_flags=True, progress=progress,
+                              slice_pattern=str(recipe.get("slice_pattern", "")),
+                              skip_bad_subjects=bool(recipe.get("skip_bad_subjects", False)))
     cache, _ = prepare_cache(data, config.channel_set, config.image_size, **kw)
     ids = [entry["id"] for entry in cache.index["subjects"]]
     position = {sid: k for k, sid in enumerate(ids)}
