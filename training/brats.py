@@ -313,9 +313,9 @@ def _slice_grouping(
         try:
             pattern = re.compile(slice_pattern)
         except re.error as e:
-            raise DataError(f"slice pattern {slice_pattern!r} is not a regular expression: {e}") from None
+            raise DataError(f"slice pattern '{slice_pattern}' is not a regular expression: {e}") from None
         if "subject" not in pattern.groupindex:
-            raise DataError(f"slice pattern {slice_pattern!r} has no (?P<subject>...) group")
+            raise DataError(f"slice pattern '{slice_pattern}' has no (?P<subject>...) group")
         candidates = [pattern]
     else:
         candidates = [re.compile(regex, re.IGNORECASE) for _, regex in SLICE_PATTERNS]
@@ -336,7 +336,7 @@ def _slice_grouping(
         return keys, pattern
     _, name = min(first_misfit)
     builtin = " or ".join(f"{label}.png" for label, _ in SLICE_PATTERNS)
-    expected = repr(slice_pattern) if slice_pattern else builtin
+    expected = f"'{slice_pattern}'" if slice_pattern else builtin
     raise DataError(
         f"{where}/{name}: cannot tell the subject from the file name (expected {expected}; for other "
         "names give --slice-pattern, a regular expression with a (?P<subject>...) group)"

@@ -61,3 +61,17 @@ def full_size_2020(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("full")
     assert main(["--subjects", "1", "--out", str(out), "--seed", "7"]) == 0
     return out
+
+
+PNG_FOLDERS = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR", "seg": "Seg"}
+
+
+def write_png_dataset(root: Path, slices: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Research PNG folders. slices: file name → modality → 256×256 uint8 image as stored."""
+    from PIL import Image
+
+    for name, images in slices.items():
+        for m, arr in images.items():
+            (root / PNG_FOLDERS[m]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / PNG_FOLDERS[m] / name)
+    return root

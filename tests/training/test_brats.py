@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.training.conftest import nii
+from tests.training.conftest import nii, write_png_dataset
 from training.brats import IMAGE_MODALITIES, DataError, find_subjects, load_png_subject, load_subject
 
 
@@ -127,17 +127,6 @@ def test_empty_or_missing_folder(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------
 # prepared PNG folders
-
-
-def write_png_dataset(root: Path, slices: dict[str, dict[str, np.ndarray]]) -> Path:
-    """slices: file name → modality → 256×256 uint8 image (seg as label/5×255)."""
-    folders = {"t1": "T1", "t1ce": "T1CE", "t2": "T2", "flair": "FLAIR", "seg": "Seg"}
-    for folder in folders.values():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for name, images in slices.items():
-        for m, arr in images.items():
-            Image.fromarray(arr).save(root / folders[m] / name)
-    return root
 
 
 def _png_slices(rng: np.random.Generator, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
