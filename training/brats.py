@@ -96,10 +96,14 @@ def _ignored(name: str) -> bool:
     return name == "__MACOSX" or name.startswith(".")
 
 
-def _refuse_or_skip(problem: str, skipped: list[str] | None) -> None:
-    if skipped is None:
-        raise DataError(problem)
-    skipped.append(problem)
+def _refuse_or_skip(root: Path, problems: Sequence[str], skipped: list[str] | None, kept: int) -> None:
+    """Raise the first subject's problem, or with a `skipped` list record them all."""
+    if problems and skipped is None:
+        raise DataError(problems[0])
+    if skipped is not None:
+        skipped.extend(problems)
+    if not kept:
+        raise DataError(f"no usable subjects under {root}; the first problem: {problems[0]}")
 
 
 def find_subjects(
@@ -166,6 +170,7 @@ def find_subjects(
         )
     subjects_in = Counter(folder for folder, _ in found)
     subjects = []
+    bad = []
     seen: dict[str, Path] = {}
     for (folder, sid), files in sorted(found.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
         naming = namings[(folder, sid)]
@@ -178,17 +183,15 @@ def find_subjects(
             stray = _stray_seg(folder, claimed)
             if stray is not None:
                 files["seg"] = stray
-        problem = problems.get((folder, sid))
-        for modality in needed:
-            if problem is None and modality not in files:
-                expected = _nifti_suffix(sid, modality, naming)
-                problem = f"{sid}: missing {modality} (expected {expected} in {folder})"
-        if problem is not None:
-            _refuse_or_skip(problem, skipped)
-            continue
-        subjects.append(Subject(sid, naming, {m: files[m] for m in ALL_MODALITIES if m in files}))
-    if not subjects:
-        raise DataError(f"no usable subjects under {root}; the first problem: {(skipped or ['?'])[0]}")
+        missing = [m for m in needed if m not in files]
+        if (folder, sid) in problems:
+            bad.append(problems[(folder, sid)])
+        elif missing:
+            expected = _nifti_suffix(sid, missing[0], naming)
+            bad.append(f"{sid}: missing {missing[0]} (expected {expected} in {folder})")
+        else:
+            subjects.append(Subject(sid, naming, {m: files[m] for m in ALL_MODALITIES if m in files}))
+    _refuse_or_skip(root, bad, skipped, len(subjects))
     return subjects
 
 
@@ -377,16 +380,12 @@ def _find_png_subjects(
         for name in extra:
             sid = subject_of(name)
             problems.setdefault(sid, f"{sid}: {name} is in {there}/ but missing from {ref}/")
-    for problem in problems.values():
-        _refuse_or_skip(problem, skipped)
     groups: dict[str, list[str]] = {}
     for name in sorted(reference, key=lambda n: (keys[n], n)):
         groups.setdefault(keys[name][0], []).append(name)
-    subjects = [Subject(sid, "png", dict(kept), tuple(names)) for sid, names in sorted(groups.items())
+    subjects = [Subject(sid, "png", dict(kept), tuple(slices)) for sid, slices in sorted(groups.items())
                 if sid not in problems]
-    if not subjects:
-        first = next(iter(problems.values()))
-        raise DataError(f"no usable subjects under {root}; the first problem: {first}")
+    _refuse_or_skip(root, list(problems.values()), skipped, len(subjects))
     return subjects
 
 

@@ -191,12 +191,15 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One `--field value` flag per TrainConfig field; unset flags stay absent from the namespace."""
+    """One `--field value` flag per TrainConfig field (`--flag` alone for a true boolean);
+    unset flags stay absent from the namespace."""
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
         kind, choices = _field_type(hints[f.name])
+        # a bare boolean flag means true, like the store_true flags of the other commands
+        bare: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument(
@@ -207,6 +210,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             default=argparse.SUPPRESS,
             metavar=f.name.upper() if choices is None else None,
             help=f"(default: {default!r})",
+            **bare,
         )
 
 

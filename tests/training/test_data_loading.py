@@ -347,7 +347,7 @@ def test_skip_bad_subjects_leaves_them_out_and_lists_why(
         build_datasets(root, FIVE, 32, cache_dir=tmp_path / "c")
 
     out = tmp_path / "run"
-    assert synthmri_main(_train_args(root, out, "--skip-bad-subjects", "true", "--val-fraction", "0.34")) == 0
+    assert synthmri_main(_train_args(root, out, "--skip-bad-subjects", "--val-fraction", "0.34")) == 0
     report = report_lines(capsys.readouterr().err)
     assert report[0] == "skipped 1 subject with problems:" and report[1].startswith(f"  {unreadable}")
     assert (out / "model.safetensors").is_file()
