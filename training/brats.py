@@ -294,13 +294,18 @@ def _png_folders(root: Path) -> dict[str, Path] | None:
     except OSError as e:
         raise DataError(f"cannot list {root}: {e.strerror}") from None
     folders = {m: children[name.lower()] for m, name in PNG_FOLDERS.items() if name.lower() in children}
-    if any(m != "seg" and _png_names(folder) for m, folder in folders.items()):
+    # any() stops at the first PNG: a folder of a whole dataset's slices is long to list
+    if any(m != "seg" and any(_is_slice_file(p) for p in folder.iterdir()) for m, folder in folders.items()):
         return folders
     return None
 
 
+def _is_slice_file(path: Path) -> bool:
+    return path.suffix.lower() == ".png" and not _ignored(path.name)
+
+
 def _png_names(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and not _ignored(p.name)}
+    return {p.name for p in folder.iterdir() if _is_slice_file(p)}
 
 
 def _slice_grouping(

@@ -66,7 +66,7 @@ class TrainConfig:
     hflip: bool = False  # random left-right flips of training slices
     cache_dir: str = ""  # slice cache; "" = <data>/.synthmri-cache
     slice_pattern: str = ""  # PNG folders: regex with a (?P<subject>...) group; "" = the built-in names
-    skip_bad_subjects: bool = False  # leave out (and list) subjects with bad or missing files
+    skip_bad_subjects: bool = False  # leave out (and list) subjects whose own files have a problem
     num_workers: int = 0  # DataLoader worker processes per rank
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True  # tqdm bar on the master rank

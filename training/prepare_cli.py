@@ -32,8 +32,8 @@ def main(argv: list[str]) -> int:
                              "(?P<slice>\\d+)) matched against file names without .png; default: "
                              "<subject>_slice<n> or <subject>_<n>")
     parser.add_argument("--skip-bad-subjects", action="store_true",
-                        help="leave out subjects with missing or unreadable files and list them, "
-                             "instead of stopping at the first")
+                        help="leave out subjects whose own files have a problem (missing, unreadable, "
+                             "unknown labels) and list them, instead of stopping at the first")
     args = parser.parse_args(argv)
     if args.size < 8:
         raise CliError("--size must be at least 8")
