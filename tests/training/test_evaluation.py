@@ -61,7 +61,7 @@ def test_frechet_distance_sits_at_its_floor_and_grows_with_noise_and_blur(
         return feat.frechet_distance(fa, feat.embed(encoder, _with_images(b, images)))
 
     noisy = [fd_to_a(np.clip(b[:, :4] + s * rng.standard_normal(b[:, :4].shape), -1, 1))
-             for s in (0.05, 0.1, 0.2, 0.4)]
+             for s in (0.2, 0.4, 0.8, 1.2)]
     blurred = [fd_to_a(ndimage.gaussian_filter(b[:, :4], sigma=(0, 0, s, s))) for s in (0.7, 1.2, 2.0)]
     assert floor < noisy[0] < noisy[1] < noisy[2] < noisy[3], (floor, noisy)
     assert floor < blurred[0] < blurred[1] < blurred[2], (floor, blurred)
@@ -75,8 +75,9 @@ def test_mask_checks_catch_scattered_pixels_and_tumour_outside_the_brain(
 ) -> None:
     x, _ = phantom_slices
     d = decode(x, FIVE)
-    with_tumour = np.flatnonzero((d.labels > 0).reshape(len(x), -1).any(axis=1))
-    clean = x[with_tumour[:8]].copy()
+    # the slices with the most tumour: a tumour's first and last slices carry genuine specks
+    area = (d.labels > 0).reshape(len(x), -1).sum(axis=1)
+    clean = x[np.argsort(area)[::-1][:8]].copy()
     base = slice_figures(decode(clean, FIVE))
     assert base["tumour_outside_brain"] == 0.0 and base["isolated_tumour_pixels"] < 1.0
     assert base["clean_label_levels"] == 1.0

@@ -83,6 +83,15 @@ def encoder_key(fingerprint: str, channels: int, steps: int, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle LR over `steps` steps; the warm-up takes at least two steps so short runs stay valid."""
+    if steps < 3:
+        raise ValueError(f"a training run needs at least 3 steps, got {steps}")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=steps, pct_start=min(0.5, max(0.1, 2 / steps))
+    )
+
+
 def train_encoder(
     train: np.ndarray, *, steps: int = 1500, batch: int = 32, seed: int = 0, progress: bool = False
 ) -> SliceEncoder:
@@ -91,7 +100,7 @@ def train_encoder(
     x = to_encoder_size(train)
     net = SliceEncoder(x.shape[1])
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    sched = one_cycle(opt, 2e-3, steps)
     g = torch.Generator().manual_seed(seed)
     bar = None
     if progress:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthmri.channels import BRATS_LABELS, SEG
-from training.evaluation.features import ENCODER_SIZE, to_encoder_size
+from training.evaluation.features import ENCODER_SIZE, one_cycle, to_encoder_size
 
 # Class index of each BraTS label (0, 1, 2, 4 → 0, 1, 2, 3) and the regions as class sets.
 CLASS_OF_LABEL = {label: k for k, label in enumerate(BRATS_LABELS)}
@@ -96,7 +96,7 @@ def train_segmenter(
     g = torch.Generator().manual_seed(seed)
     net = SegNet(real[0].shape[1])
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    sched = one_cycle(opt, 3e-3, steps)
     n_syn = batch // 2 if synthetic is not None else 0
     net.train()
     for _ in range(steps):
