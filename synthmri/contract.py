@@ -57,10 +57,15 @@ ACTIVE_STATES = frozenset({JobState.queued, JobState.running})
 
 
 class JobRequest(BaseModel):
-    """What a client POSTs to /v1/jobs."""
+    """What a client POSTs to /v1/jobs.
+
+    Strict: JSON types are taken as sent, so `"count": "1"` or `true` is an error rather
+    than a guess at what the client meant.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"channels": "t1ce+seg", "count": 4, "seed": 1}]},
     )
 
@@ -69,6 +74,7 @@ class JobRequest(BaseModel):
     )
     channels: str | None = Field(
         default=None,
+        max_length=max(len(c) for c in CHANNEL_SETS),
         description=f"A channel set ({', '.join(CHANNEL_SETS)}). Alone it picks the model with exactly "
         "these channels or the smallest superset; with `model` it selects channels of that model.",
     )

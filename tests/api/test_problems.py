@@ -41,14 +41,14 @@ def test_submit_enqueues_one_task_per_range(client: TestClient, store: JobStore)
     assert job["channels"] == ["t1ce"] and job["model"] == "tiny" and 0 <= job["seed"] < 2**63
     assert store.r.llen(QUEUE) == 1  # 5 samples, task_batch_size 8 → one range
     spec = store.get(job["id"]).spec  # type: ignore[union-attr]
-    assert spec.request == {"channels": "t1ce", "count": 5, "sampler": "dpm++", "formats": ["nifti", "png"]}
+    assert spec.request == {"channels": "t1ce", "count": 5, "formats": ["nifti", "png"]}  # as sent
 
 
 def test_error_answers(client: TestClient) -> None:
     assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 9}), 422, "limit of 8")
     assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 0}), 422, "count:")
     assert_problem(client.post("/v1/jobs", json={"channels": "t1+t1ce+t2+flair+seg", "count": 1}), 422,
-                   "no installed model generates")  # fmt: skip
+                   "no available model generates")  # fmt: skip
     assert_problem(client.post("/v1/jobs", json={"model": "tiny", "count": 1, "steps": 2000}), 422, "1000")
     assert_problem(
         client.post("/v1/jobs", json={"channels": "t1ce", "count": 1, "x": 1}), 422, "x: unknown field"
