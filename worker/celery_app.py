@@ -89,13 +89,15 @@ def sweep_results(
     failed or was cancelled, and one whose job record is gone and that has not been
     touched for ORPHAN_GRACE_SECONDS. A failed job may have no marker at all: its disk
     filled up before one could be written. `state_of` reads the job store; when Redis
-    does not answer, the sweep stops there, since nothing may be removed on a guess.
+    does not answer, only expiry markers count for the rest of the sweep, since nothing
+    may be removed on a guess.
     """
     now = time.time() if now is None else now
     removed: list[str] = []
     if not results_dir.is_dir():
         return removed
     job_id = re.compile(JOB_ID_PATTERN)
+    store_answers = True
     for job_dir in sorted(results_dir.iterdir()):
         if not job_id.match(job_dir.name) or not job_dir.is_dir():
             continue
@@ -108,11 +110,14 @@ def sweep_results(
                 shutil.rmtree(job_dir, ignore_errors=True)
                 removed.append(job_dir.name)
             continue
+        if not store_answers:
+            continue
         try:
             state = state_of(job_dir.name)
         except STORE_ERRORS:
-            log.warning("results sweep stopped: Redis unreachable")
-            break
+            log.warning("results sweep: Redis unreachable; only expired directories are removed this time")
+            store_answers = False
+            continue
         try:
             untouched = now - job_dir.stat().st_mtime
         except OSError:

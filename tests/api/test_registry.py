@@ -2,9 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 from synthmri.hashing import checkpoint_sha256
