@@ -27,7 +27,8 @@ def job_dir(root: Path, job_id: str, *, expires: float | None = None, age: float
 
 def test_sweep_removes_expired_failed_cancelled_and_old_orphans(tmp_path: Path) -> None:
     now = time.time()
-    names = "expired fresh failed cancelled running queued orphan_old orphan_new succeeded".split()
+    names = ["expired", "fresh", "failed", "cancelled", "running", "queued", "orphan_old", "orphan_new"]
+    names.append("succeeded")
     ids = {name: f"{i:016x}" for i, name in enumerate(names)}
     job_dir(tmp_path, ids["expired"], expires=now - 1)
     job_dir(tmp_path, ids["fresh"], expires=now + 3600)
