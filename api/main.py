@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api import openapi, problems
 from api.deps import ModelsView, Services
+from api.limits import RejectLargeBodies
 from api.queue import TaskQueue
 from api.routers import health, jobs, models
 from api.store import AsyncJobStore, FaultView
@@ -42,12 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="On-demand synthetic brain MRI slices (BraTS channels + tumour mask) from a "
         "diffusion model. Authenticate with `Authorization: Bearer KEY`; errors are problem+json.",
-        # A request body larger than this is answered 413 as soon as its size is known,
-        # before it is read into memory.
-        max_body_size=settings.max_request_bytes,
         lifespan=lifespan,
     )
     app.state.services = services
+    app.add_middleware(RejectLargeBodies, max_bytes=settings.max_request_bytes)
     problems.install(app)
     openapi.install(app, settings, lambda: services.models.latest.without_faults(services.faults.faults))
     app.include_router(jobs.router)

@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.problems import PROBLEM_JSON
 from synthmri.channels import CHANNEL_SETS
+from synthmri.contract import MAX_SEED
 from synthmri.registry import Registry
 from synthmri.settings import Settings
 
@@ -44,24 +45,29 @@ def describe_this_server(schema: dict[str, Any], registry: Registry, settings: S
     props = request["properties"]
     models = registry.models.values()
     servable = [cs for cs in CHANNEL_SETS if any(set(CHANNEL_SETS[cs]) <= set(m.channels) for m in models)]
-    _set_enum(props["model"], sorted(registry.models))
-    _set_enum(props["channels"], servable)
+    _option(props["model"], "string", enum=sorted(registry.models))
+    _option(props["channels"], "string", enum=servable)
     props["count"]["maximum"] = settings.max_count
+    _option(props["seed"], "integer", minimum=0, maximum=MAX_SEED)  # exact: a float bound rounds up to 2**63
     if models:
-        props["steps"]["maximum"] = max(m.diffusion_steps for m in models)
-    request["anyOf"] = [{"required": ["model"]}, {"required": ["channels"]}]
+        _option(props["steps"], "integer", maximum=max(m.diffusion_steps for m in models))
+    # A request names a model or a channel set (null counts as absent).
+    request["anyOf"] = [
+        {"required": [name], "properties": {name: {"type": "string"}}} for name in ("model", "channels")
+    ]
     return schema
 
 
-def _set_enum(prop: dict[str, Any], values: list[str]) -> None:
-    """Restrict a `str | None` property to `values` (or null), keeping its description."""
-    if not values:
+def _option(prop: dict[str, Any], type_: str, **keywords: Any) -> None:
+    """Set keywords on the `type_` branch of an optional (`X | None`) property."""
+    if "enum" in keywords and not keywords["enum"]:
         return
-    for option in prop.get("anyOf", []):
-        if option.get("type") == "string":
-            option.pop("maxLength", None)
-            option.pop("minLength", None)
-            option["enum"] = values
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == type_:
+            if "enum" in keywords:
+                option.pop("maxLength", None)
+                option.pop("minLength", None)
+            option.update(keywords)
 
 
 def install(app: FastAPI, settings: Settings, registry: Callable[[], Registry]) -> None:

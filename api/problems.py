@@ -84,6 +84,10 @@ def answers(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def too_large_detail(limit: int) -> str:
+    return f"the request body is larger than this server accepts ({limit} bytes); send a smaller request"
+
+
 def clip(value: object, limit: int = ECHO_CHARS) -> str:
     """A client-supplied value as it may be repeated in an answer: repr, at most `limit` characters."""
     text = repr(value)
