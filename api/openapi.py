@@ -22,7 +22,6 @@ from fastapi.openapi.utils import get_openapi
 
 from api.problems import PROBLEM_JSON
 from synthmri.channels import CHANNEL_SETS
-from synthmri.contract import MAX_SEED
 from synthmri.registry import Registry
 from synthmri.settings import Settings
 
@@ -48,7 +47,6 @@ def describe_this_server(schema: dict[str, Any], registry: Registry, settings: S
     _option(props["model"], "string", enum=sorted(registry.models))
     _option(props["channels"], "string", enum=servable)
     props["count"]["maximum"] = settings.max_count
-    _option(props["seed"], "integer", minimum=0, maximum=MAX_SEED)  # exact: a float bound rounds up to 2**63
     if models:
         _option(props["steps"], "integer", maximum=max(m.diffusion_steps for m in models))
     # A request names a model or a channel set (null counts as absent).

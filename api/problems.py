@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("synthmri.api")
@@ -60,7 +61,9 @@ class ValidationErrorItem(BaseModel):
 
 
 class ValidationProblem(ProblemDetails):
-    errors: list[ValidationErrorItem] = Field(description=f"The first {MAX_ERRORS} problems found")
+    errors: list[ValidationErrorItem] = Field(
+        default_factory=list, description=f"The fields at fault (the first {MAX_ERRORS} problems found)"
+    )
 
 
 DESCRIPTIONS = {
@@ -174,6 +177,16 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
     return "; ".join(lines) or "the request is invalid"
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only one route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """Route FastAPI's own errors (404, 405, validation, crashes) through problem+json."""
 
@@ -187,11 +200,18 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 404 and detail == "Not Found":
+        headers = dict(getattr(exc, "headers", None) or {})
+        status = exc.status_code
+        if status == 404 and detail == "Not Found":
             detail = f"there is no resource at {request.url.path}; see /docs for the API"
-        elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
-        return problem_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+        elif status == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allowed)}"
+        elif status == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): invalid JSON, like any other.
+            status, detail = 422, "the body is not valid JSON (send UTF-8 encoded JSON)"
+        return problem_response(request, status, detail, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

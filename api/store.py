@@ -32,6 +32,7 @@ class AsyncJobStore:
         self.r = client
         self._create = client.register_script(js.CREATE_SCRIPT)
         self._transition = client.register_script(js.TRANSITION_SCRIPT)
+        self._delete = client.register_script(js.DELETE_SCRIPT)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncJobStore:
@@ -96,6 +97,11 @@ class AsyncJobStore:
         await self.r.hset(js.job_key(job_id), "cancel", "1")
         args = js.transition_args(JobState.cancelled, (JobState.queued,), {"finished_at": time.time()})
         await self._transition(keys=[js.job_key(job_id), js.STATS_STATES, js.UNQUEUED], args=args)
+
+    async def delete(self, job_id: str, owner: str) -> None:
+        """Forget the job (an active one is cancelled: its tasks find no record and stop)."""
+        keys = [js.job_key(job_id), js.STATS_STATES, js.owner_key(owner), js.UNQUEUED]
+        await self._delete(keys=keys, args=[job_id])
 
     async def stats(self) -> dict[str, Any]:
         async with self.r.pipeline(transaction=False) as pipe:

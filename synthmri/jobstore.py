@@ -98,11 +98,35 @@ return {{1, active}}
 """
 
 # A range counts (and its samples count once in the stats) the first time it is marked.
-# KEYS: ranges set, samples counter; ARGV: start, samples.
+# Nothing is written for a deleted job (no key may outlive its record without expiry).
+# KEYS: job, ranges set, samples counter; ARGV: start, samples.
 _MARK_RANGE = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then redis.call('INCRBY', KEYS[2], ARGV[2]) end
-return redis.call('SCARD', KEYS[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then redis.call('INCRBY', KEYS[3], ARGV[2]) end
+return redis.call('SCARD', KEYS[2])
 """
+
+# KEYS: job, progress hash; ARGV: field/value pairs. Written only while the job exists.
+_SET_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+return 1
+"""
+
+# Forget a job: an active one counts as cancelled (its tasks see no record and stop,
+# removing their files). KEYS: job, stats, owner index, unqueued; ARGV: job id.
+DELETE_SCRIPT = f"""
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return false end
+if cur == '{JobState.queued.value}' or cur == '{JobState.running.value}' then
+  redis.call('HINCRBY', KEYS[2], cur, -1)
+  redis.call('HINCRBY', KEYS[2], '{JobState.cancelled.value}', 1)
+end
+for _, suffix in ipairs({{SUFFIXES}}) do redis.call('DEL', KEYS[1] .. suffix) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return cur
+""".replace("{SUFFIXES}", "{" + ", ".join(f"'{s}'" for s in JOB_KEY_SUFFIXES) + "}")
 
 # The finalisation lease: taken when free, and taken again by the task that holds it
 # (the same task after a lost answer, or its redelivery after a crash).
@@ -235,6 +259,7 @@ class JobStore:
         self._create = client.register_script(CREATE_SCRIPT)
         self._count_active = client.register_script(_COUNT_ACTIVE + "return active")
         self._mark_range = client.register_script(_MARK_RANGE)
+        self._set_progress = client.register_script(_SET_PROGRESS)
         self._claim = client.register_script(_CLAIM)
         self._fail_unqueued = client.register_script(_FAIL_UNQUEUED)
 
@@ -334,12 +359,13 @@ class JobStore:
 
     # -- progress and finalisation --------------------------------------------
     def set_progress(self, job_id: str, start: int, step_units: float, samples: int) -> None:
-        self.r.hset(job_key(job_id) + ":progress", mapping={f"u:{start}": step_units, f"s:{start}": samples})
+        keys = [job_key(job_id), job_key(job_id) + ":progress"]
+        self._set_progress(keys=keys, args=[f"u:{start}", step_units, f"s:{start}", samples])
 
     def mark_range_done(self, job_id: str, start: int, samples: int = 0) -> int:
         """Record a finished range (its `samples` count once in the stats); returns how many
         ranges of the job are finished."""
-        keys = [job_key(job_id) + ":ranges", STATS_SAMPLES]
+        keys = [job_key(job_id), job_key(job_id) + ":ranges", STATS_SAMPLES]
         return int(self._mark_range(keys=keys, args=[start, samples]))
 
     def unmark_range(self, job_id: str, start: int) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,6 +102,11 @@ async def own_job(services: ServicesDep, owner: str, job_id: str) -> JobRecord:
     return rec
 
 
+def invalid(field: str, detail: str) -> Problem:
+    """A 422 about one field of the request body, listed in `errors` like a validation error."""
+    return Problem(422, detail, errors=[{"loc": ["body", field], "msg": detail, "type": "value_error"}])
+
+
 def _file(media_type: str, what: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI answers of a download route."""
     return {200: {"content": {media_type: {}}, "description": what}, **answers(401, 404, 409, 410, 422, 503)}
@@ -125,18 +132,18 @@ async def submit_job(
 ) -> JobView:
     settings = services.settings
     if body.count > settings.max_count:
-        raise Problem(
-            422, f"count {body.count} exceeds this server's limit of {settings.max_count} samples per job; "
-            "split it into several jobs (use different seeds or consecutive requests)",
+        raise invalid(
+            "count", f"count {body.count} exceeds this server's limit of {settings.max_count} samples per "
+            "job; split it into several jobs (use different seeds or consecutive requests)",
         )  # fmt: skip
     registry = (await services.models.scan()).without_faults(await services.store.model_faults())
     try:
         info = resolve_model(registry.models, body.model, body.channels, registry.unavailable)
     except RegistryError as e:
-        raise Problem(422, str(e)) from None
+        raise invalid("model" if body.model is not None else "channels", str(e)) from None
     sampler, steps = info.sampling(body.sampler, body.steps)
     if steps > info.diffusion_steps:
-        raise Problem(422, f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
+        raise invalid("steps", f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
     spec = JobSpec(
         id=new_job_id(),
@@ -220,21 +227,42 @@ async def get_job(
     return view(request, services, rec)
 
 
-@router.delete(
-    "/{job_id}",
+@router.post(
+    "/{job_id}/cancel",
     response_model=JobView,
     status_code=202,
-    summary="Cancel a job",
+    summary="Cancel a job, keeping its record",
     responses=answers(401, 404, 409, 422, 503),
 )
 async def cancel_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
-    """Queued: it never runs. Running: it stops at the next sampler step and its files are removed."""
+    """Queued: it never runs. Running: it stops at the next sampler step and its files are
+    removed. The job stays listed, as `cancelled`, until its record expires."""
     rec = await own_job(services, owner, job_id)
     if rec.state in (JobState.succeeded, JobState.failed):
         raise Problem(409, f"job {job_id} already {rec.state.value}; there is nothing to cancel")
     if rec.state in ACTIVE_STATES:
         await services.store.request_cancel(job_id)
         rec = await own_job(services, owner, job_id)
+    return view(request, services, rec)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobView,
+    status_code=202,
+    summary="Delete a job: cancel it if it is active, then remove its record and files",
+    responses=answers(401, 404, 422, 503),
+)
+async def delete_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
+    """Answers with the job as it ends: `cancelled` if it was queued or running (a running
+    job stops at its next sampler step), else its final state. Afterwards the job answers
+    404 and its files are gone."""
+    rec = await own_job(services, owner, job_id)
+    await services.store.delete(job_id, owner)
+    directory = Path(services.settings.results_dir) / rec.spec.id
+    await run_in_threadpool(shutil.rmtree, directory, True)
+    if rec.state in ACTIVE_STATES:
+        rec = replace(rec, state=JobState.cancelled, finished_at=time.time())
     return view(request, services, rec)
 
 

@@ -73,7 +73,7 @@ def test_json_media_types_with_parameters_are_accepted(client: TestClient) -> No
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("count", "1"), ("count", True), ("count", 1.0), ("seed", "7"), ("seed", False), ("steps", "4"),
+    [("count", "1"), ("count", True), ("count", 1.5), ("seed", "7"), ("seed", False), ("steps", "4"),
      ("formats", "png"), ("channels", 1)],
 )  # fmt: skip
 def test_json_types_are_strict(client: TestClient, field: str, value: Any) -> None:
@@ -81,6 +81,13 @@ def test_json_types_are_strict(client: TestClient, field: str, value: Any) -> No
     r = client.post("/v1/jobs", json=body)
     assert_problem(r, 422, f"{field}: ")
     assert r.json()["errors"][0]["loc"] == ["body", field]
+
+
+def test_an_integral_number_is_an_integer(client: TestClient, store: JobStore) -> None:
+    """JSON Schema's `integer` includes 2.0; the job records it as the integer 2."""
+    r = client.post("/v1/jobs", json={"channels": "t1ce", "count": 2.0, "seed": 5.0})
+    assert r.status_code == 202, r.text
+    assert (r.json()["count"], r.json()["seed"]) == (2, 5)
 
 
 def test_422_repeats_little_of_a_large_or_odd_request(client: TestClient) -> None:
@@ -107,7 +114,8 @@ def test_openapi_lists_problem_answers_and_this_servers_limits(client: TestClien
         ("/v1/jobs", "post"): {"401", "413", "415", "422", "429", "503"},
         ("/v1/jobs", "get"): {"401", "422", "503"},
         ("/v1/jobs/{job_id}", "get"): {"401", "404", "422", "503"},
-        ("/v1/jobs/{job_id}", "delete"): {"401", "404", "409", "422", "503"},
+        ("/v1/jobs/{job_id}", "delete"): {"401", "404", "422", "503"},
+        ("/v1/jobs/{job_id}/cancel", "post"): {"401", "404", "409", "422", "503"},
         ("/v1/jobs/{job_id}/archive.zip", "get"): {"401", "404", "409", "410", "422", "503"},
         ("/readyz", "get"): {"503"},
         ("/metrics", "get"): {"503"},

@@ -38,6 +38,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         "SYNTHMRI_VISIBILITY_TIMEOUT_SECONDS": "8",
         "SYNTHMRI_UNACKED_RESTORE_INTERVAL_SECONDS": "1",
         "SYNTHMRI_PROGRESS_INTERVAL_SECONDS": "0.1",
+        "SYNTHMRI_LONG_POLL_MAX_SECONDS": "5",
     }
     with LocalStack(
         models_dir=models, results_dir=root / "results", workdir=root, api_key=API_KEY, env=env
