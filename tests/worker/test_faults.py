@@ -185,3 +185,38 @@ def test_weights_that_do_not_load_mark_the_model_unavailable(setup: Setup) -> No
     assert list(faults) == [spec.model_sha256]
     registry = scan_registry(settings.models_dir).without_faults(faults)
     assert registry.models == {} and "could not load" in registry.unavailable["tiny"].reason
+
+
+def test_a_task_never_leaves_its_job_stuck(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error fails the job before the task fails (a failed task is not run again);
+    Redis away for longer than the task's patience hands the delivery back, job untouched."""
+    from celery.exceptions import Reject
+
+    from worker import tasks
+
+    server, store, settings = setup
+    monkeypatch.setattr(tasks, "store", lambda: store)
+    monkeypatch.setattr(tasks, "settings", settings.model_copy(update={"redis_outage_seconds": 1.0}))
+    broken, waiting = make_spec(settings, steps=3), make_spec(settings, steps=3)
+    for spec in (broken, waiting):
+        store.create(spec, 600)
+
+    def crash() -> str:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        tasks.run_task(broken.id, "test", crash)
+    rec = store.get(broken.id)
+    assert rec is not None and rec.state == JobState.failed and rec.error == tasks.INTERNAL_ERROR
+
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        work = lambda: engine.process_range(store, settings, waiting.id, 0, 1)  # noqa: E731
+        with pytest.raises(Reject) as e:
+            tasks.run_task(waiting.id, "test", work)
+        assert e.value.requeue and time.monotonic() - started < 10
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert store.state(waiting.id) == JobState.queued
