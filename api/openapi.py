@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.problems import PROBLEM_JSON
 from synthmri.channels import CHANNEL_SETS
+from synthmri.contract import MAX_SEED
 from synthmri.registry import Registry
 from synthmri.settings import Settings
 
@@ -47,6 +48,8 @@ def describe_this_server(schema: dict[str, Any], registry: Registry, settings: S
     _option(props["model"], "string", enum=sorted(registry.models))
     _option(props["channels"], "string", enum=servable)
     props["count"]["maximum"] = settings.max_count
+    # FastAPI writes numeric bounds as floats, and 2**63 - 1 as a float is 2**63, one past the limit.
+    _option(props["seed"], "integer", minimum=0, maximum=MAX_SEED)
     if models:
         _option(props["steps"], "integer", maximum=max(m.diffusion_steps for m in models))
     # A request names a model or a channel set (null counts as absent).
