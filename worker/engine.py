@@ -24,7 +24,7 @@ from synthmri.contract import JobSpec, JobState, Manifest
 from synthmri.jobstore import STORE_ERRORS, JobStore
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
-from worker.outage import BestEffort
+from worker.outage import BestEffort, worker_stopping
 
 if TYPE_CHECKING:
     from model.checkpoint import LoadedCheckpoint
@@ -292,6 +292,8 @@ def process_range(
                     "listed as unavailable in GET /v1/models. Submit the job again: a request by channel "
                     "set will use another model")  # fmt: skip
     except Exception as e:
+        if worker_stopping(e):
+            raise
         if store.cancel_requested(job_id):  # e.g. the directory vanished under a cancel
             return cancel(store, spec, directory)
         log.exception("job %s range [%d, %d) failed", job_id, start, stop)
@@ -322,6 +324,8 @@ def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str
     except STORE_ERRORS:
         raise
     except Exception as e:
+        if worker_stopping(e):
+            raise
         store.release_finalize(job_id)
         if store.cancel_requested(job_id):
             return cancel(store, rec.spec, directory)

@@ -86,3 +86,16 @@ class BestEffort:
             self.skip_until = time.monotonic() + self.backoff
             log.warning("Redis unreachable during sampling (%s); sampling goes on", type(e).__name__)
             return default
+
+
+def worker_stopping(exc: BaseException) -> bool:
+    """Whether `exc` is Celery's cold shutdown cancelling the running task rather than a failure
+    of the job: with the solo pool the shutdown signal handler raises the pool's "cannot
+    terminate a job" error inside the task. Such a task must be handed back, not failed."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "terminate_job" and "celery" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

@@ -22,7 +22,7 @@ from synthmri.contract import TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE, JobState
 from synthmri.jobstore import STORE_ERRORS, JobStore
 from worker import engine
 from worker.celery_app import app, settings
-from worker.outage import RedisAway, run_through_outages
+from worker.outage import RedisAway, run_through_outages, worker_stopping
 
 log = logging.getLogger("synthmri.worker")
 INTERNAL_ERROR = "internal error in the worker (its log has details); submit the job again"
@@ -81,15 +81,18 @@ def run_task(job_id: str, what: str, work: Callable[[], str]) -> str:
 
     A Redis outage is waited out (worker.outage); if it lasts past the patience the
     delivery is requeued, or, when even that cannot reach Redis, left unacknowledged
-    for kombu to hand back. Any other escaping error marks the job failed before the
-    task fails, because a failed task is acknowledged and would never run again.
+    for kombu to hand back. A cold shutdown of the worker requeues it too. Any other
+    escaping error marks the job failed before the task fails, because a failed task is
+    acknowledged and would never run again.
     """
     try:
         return run_through_outages(work, store().r, settings.redis_outage_seconds, what)
     except RedisAway:
         reason = f"{what}: Redis unreachable for {settings.redis_outage_seconds:.0f} s"
         raise Reject(reason, requeue=True) from None
-    except Exception:
+    except Exception as e:
+        if worker_stopping(e):
+            raise Reject(f"{what}: the worker is shutting down", requeue=True) from None
         log.exception("%s failed unexpectedly", what)
         with contextlib.suppress(*STORE_ERRORS):
             store().finish(job_id, JobState.failed, error=INTERNAL_ERROR)

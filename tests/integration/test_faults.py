@@ -34,7 +34,8 @@ pytestmark = pytest.mark.integration
 KEY = "fault-key"
 API_TIMEOUT, WORKER_TIMEOUT = 0.5, 1.0
 STALL_SECONDS = 5.0
-LONG: dict[str, Any] = {"channels": "t1ce+seg", "count": 2, "seed": 31, "sampler": "ddpm", "steps": 300}
+LONG: dict[str, Any] = {"channels": "t1ce+seg", "count": 2, "seed": 31, "sampler": "ddpm", "steps": 150}
+JOB_TIMEOUT = 300.0  # generous: a 2-core CI box may be busy with other work
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def api(fault_stack: LocalStack) -> Api:
 class Latencies:
     """Polls endpoints that must not depend on Redis, from a thread, and keeps every timing."""
 
-    PATHS: ClassVar[dict[str, float]] = {"/healthz": 0.02, "/v1/models": 0.1, "/docs": 0.25}
+    PATHS: ClassVar[dict[str, float]] = {"/healthz": 0.05, "/v1/models": 0.2, "/docs": 0.5}
 
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url, timeout=30)
@@ -167,7 +168,7 @@ def test_redis_stalled_then_killed_mid_job(api: Api, fault_stack: LocalStack) ->
     append-only file. Throughout, /healthz, /v1/models and /docs answer in < 100 ms and every
     request that needs Redis is refused with 503 within 2 s. The job finishes with the samples
     of an undisturbed run; a job submitted behind it runs too; no job stays active."""
-    reference = api.run(**LONG)
+    reference = api.wait(api.submit(**LONG)["id"], timeout=JOB_TIMEOUT)
     job = api.submit(**LONG)
     behind = api.submit(channels="t1ce+seg", count=2, seed=5, sampler="ddim", steps=10)
     wait_running(api, job["id"])
@@ -200,15 +201,15 @@ def test_redis_stalled_then_killed_mid_job(api: Api, fault_stack: LocalStack) ->
         fault_stack.respawn("redis")
         fault_stack.wait_for_redis()
         back_at = time.monotonic()
-        done = api.wait(job["id"], timeout=120)
+        done = api.wait(job["id"], timeout=JOB_TIMEOUT)
         measured["job_done_after_redis_back"] = time.monotonic() - back_at
-        assert api.wait(behind["id"], timeout=120)["state"] == "succeeded"
+        assert api.wait(behind["id"], timeout=JOB_TIMEOUT)["state"] == "succeeded"
     for path in Latencies.PATHS:
         statuses = {s for _, s in latencies.samples[path]}
         assert statuses == {200}, (path, statuses)
         measured[f"worst {path}"] = latencies.worst(path)
         assert latencies.worst(path) < 0.1, f"{path} took {latencies.worst(path):.3f} s during the faults"
-    assert len(latencies.samples["/healthz"]) > 100
+    assert len(latencies.samples["/healthz"]) > 50
     print("\nmeasured:", {k: round(v, 3) for k, v in measured.items()})
 
     assert done["state"] == "succeeded", done

@@ -220,3 +220,25 @@ def test_a_task_never_leaves_its_job_stuck(setup: Setup, monkeypatch: pytest.Mon
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
     assert store.state(waiting.id) == JobState.queued
+
+
+def test_celery_cold_shutdown_is_not_a_job_failure() -> None:
+    """Celery's cold shutdown raises the solo pool's terminate_job error inside the running task;
+    that (and only that) is recognised, so the task is requeued instead of failing its job."""
+    from worker.outage import worker_stopping
+
+    pool: dict[str, Any] = {}
+    exec(compile("def terminate_job():\n    raise NotImplementedError('solo does not implement kill_job')\n",
+                 "/site-packages/celery/concurrency/base.py", "exec"), pool)  # fmt: skip
+    for fn, stopping in ((pool["terminate_job"], True), (lambda: [][0], False)):
+        try:
+            try:
+                fn()
+            except Exception as inner:
+                raise RuntimeError("raised inside sampling") from inner
+        except Exception as e:
+            assert worker_stopping(e.__cause__ or e) is stopping
+    try:
+        raise NotImplementedError("aten::op has no kernel for this backend")  # a real failure
+    except NotImplementedError as e:
+        assert not worker_stopping(e)
