@@ -65,7 +65,8 @@ def fault_stack(
         "SYNTHMRI_REDIS_TIMEOUT_SECONDS": str(API_TIMEOUT),
         "SYNTHMRI_WORKER_REDIS_TIMEOUT_SECONDS": str(WORKER_TIMEOUT),
     }
-    with LocalStack(models_dir=models, results_dir=root / "results", workdir=root, api_key=KEY, env=env) as s:
+    with LocalStack(models_dir=models, results_dir=root / "results", workdir=root, api_key=KEY, env=env,
+                    start_timeout=600) as s:  # fmt: skip
         yield s
 
 
@@ -123,7 +124,7 @@ def assert_unavailable(elapsed: float, r: httpx.Response, what: str) -> None:
 
 
 def wait_running(api: Api, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + JOB_TIMEOUT
     while True:
         job = api.http.get(f"/v1/jobs/{job_id}").json()
         if job["state"] == "running" and job["progress"]["fraction"] > 0:
@@ -144,14 +145,15 @@ def test_broken_models_are_reported_and_never_chosen(api: Api) -> None:
     assert ready["checks"]["results_dir"] == "writable"
 
     for channels in ("t1ce+seg", "t1ce"):  # by channel set: the healthy model, every time
-        job = api.run(channels=channels, count=1, seed=2, sampler="ddim", steps=3)
-        assert job["model"] == "tiny"
+        submitted = api.submit(channels=channels, count=1, seed=2, sampler="ddim", steps=3)
+        job = api.wait(submitted["id"], JOB_TIMEOUT)
+        assert job["state"] == "succeeded" and job["model"] == "tiny", job
     r = api.http.post("/v1/jobs", json={"model": "aaa-truncated", "count": 1})
     assert r.status_code == 422 and "is unavailable: model.safetensors is truncated" in r.json()["detail"]
 
     # Named explicitly, the unloadable model fails its job with the reason (and no path);
     # from then on it is listed as unavailable and refused.
-    job = api.wait(api.submit(model="zzz-unloadable", count=1, steps=3)["id"])
+    job = api.wait(api.submit(model="zzz-unloadable", count=1, steps=3)["id"], JOB_TIMEOUT)
     assert job["state"] == "failed" and job["error"].startswith("model 'zzz-unloadable' could not be loaded")
     assert str(api.stack.models_dir) not in job["error"]
     deadline = time.monotonic() + 10
@@ -160,7 +162,8 @@ def test_broken_models_are_reported_and_never_chosen(api: Api) -> None:
         time.sleep(0.2)
     r = api.http.post("/v1/jobs", json={"model": "zzz-unloadable", "count": 1})
     assert r.status_code == 422 and "a worker could not load it" in r.json()["detail"]
-    assert api.run(channels="t1ce+seg", count=1, seed=3, steps=3)["model"] == "tiny"
+    job = api.wait(api.submit(channels="t1ce+seg", count=1, seed=3, steps=3)["id"], JOB_TIMEOUT)
+    assert job["state"] == "succeeded" and job["model"] == "tiny", job
 
 
 def test_redis_stalled_then_killed_mid_job(api: Api, fault_stack: LocalStack) -> None:
