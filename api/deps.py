@@ -1,4 +1,8 @@
-"""Dependencies shared by the routers: settings, the job store, the task queue and the caller's key."""
+"""Dependencies shared by the routers: settings, the job store, the task queue and the caller's key.
+
+They are `async def` because they do no blocking work: FastAPI runs a plain `def`
+dependency in its thread pool, which a stalled Redis elsewhere could fill.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,39 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from api.queue import TaskQueue
-from synthmri.jobstore import JobStore
+from api.store import AsyncJobStore, FaultView
+from synthmri.registry import Registry, scan_registry
 from synthmri.settings import Settings, hash_api_key
+
+
+class ModelsView:
+    """Scans of the models directory, run in a thread (a new checkpoint is hashed and
+    verified on first sight, which takes a while); the last one is kept for readers on
+    the event loop (the OpenAPI document)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.latest = Registry({}, {})
+
+    async def scan(self) -> Registry:
+        self.latest = await run_in_threadpool(scan_registry, self.settings.models_dir)
+        return self.latest
 
 
 @dataclass
 class Services:
     settings: Settings
-    store: JobStore
+    store: AsyncJobStore
     queue: TaskQueue
+    faults: FaultView
+    models: ModelsView
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -31,7 +53,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from SYNTHMRI_API_KEYS")
 
 
-def get_owner(
+async def get_owner(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
@@ -50,3 +72,19 @@ def get_owner(
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+async def require_json(request: Request) -> None:
+    """415 for a body that is not JSON (an empty body goes on to "the request needs a JSON body")."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    json_like = media_type.startswith("application/") and media_type.endswith("+json")
+    if media_type == "application/json" or json_like:
+        return
+    headers = request.headers
+    if not media_type and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+        return
+    shown = media_type[:60] or "no Content-Type"
+    raise Problem(415, f"the body must be JSON sent with `Content-Type: application/json` (got {shown})")
+
+
+JsonBody = Annotated[None, Depends(require_json)]

@@ -6,18 +6,21 @@ Run: `uvicorn api.main:app` (settings from SYNTHMRI_* environment variables).
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from api import problems
-from api.deps import Services
+from api import openapi, problems
+from api.deps import ModelsView, Services
+from api.limits import RejectLargeBodies
 from api.queue import TaskQueue
 from api.routers import health, jobs, models
+from api.store import AsyncJobStore, FaultView
 from synthmri import __version__
-from synthmri.jobstore import JobStore
 from synthmri.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -26,14 +29,26 @@ STATIC_DIR = Path(__file__).parent / "static"
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper())
+    store = AsyncJobStore.from_settings(settings)
+    services = Services(settings, store, TaskQueue(settings), FaultView(store), ModelsView(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.models.scan()
+        yield
+        await services.store.close()
+
     app = FastAPI(
         title="SynthMRI",
         version=__version__,
         description="On-demand synthetic brain MRI slices (BraTS channels + tumour mask) from a "
         "diffusion model. Authenticate with `Authorization: Bearer KEY`; errors are problem+json.",
+        lifespan=lifespan,
     )
-    app.state.services = Services(settings, JobStore.from_url(settings.redis_url), TaskQueue(settings))
+    app.state.services = services
+    app.add_middleware(RejectLargeBodies, max_bytes=settings.max_request_bytes)
     problems.install(app)
+    openapi.install(app, settings, lambda: services.models.latest.without_faults(services.faults.faults))
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -9,19 +9,33 @@ from synthmri.settings import Settings
 
 
 class TaskQueue:
-    """A producer-only Celery app on the same broker as the workers."""
+    """A producer-only Celery app on the same broker as the workers.
+
+    Publishing runs in a worker thread of the API (it is blocking kombu code), bounded
+    by the same short Redis timeout as the job store plus one quick retry, so a stalled
+    broker costs a request a few seconds at most instead of hanging it.
+    """
 
     def __init__(self, settings: Settings) -> None:
+        timeout = settings.redis_timeout_seconds
         self.celery = Celery("synthmri-api", broker=settings.redis_url, set_as_current=False)
         self.celery.conf.update(
             task_serializer="json",
             accept_content=["json"],
             task_default_queue=QUEUE,
             broker_connection_retry_on_startup=True,
-            broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+            broker_connection_timeout=timeout,
+            broker_transport_options={
+                "visibility_timeout": settings.visibility_timeout_seconds,
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+            },
+            task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
         )
 
     def enqueue_job(self, spec: JobSpec) -> None:
         """One task per contiguous index range, so every worker can take part of the job."""
-        for start, stop in spec.ranges():
-            self.celery.send_task(TASK_SAMPLE_RANGE, args=[spec.id, start, stop], queue=QUEUE)
+        with self.celery.producer_or_acquire() as producer:
+            for start, stop in spec.ranges():
+                self.celery.send_task(TASK_SAMPLE_RANGE, args=[spec.id, start, stop], queue=QUEUE,
+                                      producer=producer)  # fmt: skip

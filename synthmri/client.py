@@ -61,6 +61,11 @@ class Client:
         return list(self._request("GET", "/v1/jobs").json()["jobs"])
 
     def cancel(self, job_id: str) -> dict[str, Any]:
+        """Stop a queued or running job; it stays listed as `cancelled`."""
+        return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Cancel the job if it is active, then remove its record and files."""
         return dict(self._request("DELETE", f"/v1/jobs/{job_id}").json())
 
     def wait(

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import secrets
 from enum import StrEnum
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from synthmri.channels import CHANNEL_SETS
 
@@ -56,8 +57,23 @@ TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cance
 ACTIVE_STATES = frozenset({JobState.queued, JobState.running})
 
 
+def _number_not_text(value: Any) -> Any:
+    """Refuse what a lax int field would convert: strings and booleans."""
+    if isinstance(value, str | bool):
+        raise PydanticCustomError("int_type", "Input should be an integer (a JSON number, not a {kind})",
+                                  {"kind": "string" if isinstance(value, str) else "boolean"})  # fmt: skip
+    return value
+
+
+NOT_TEXT = BeforeValidator(_number_not_text)  # after the constraints, so the JSON schema keeps them
+
+
 class JobRequest(BaseModel):
-    """What a client POSTs to /v1/jobs."""
+    """What a client POSTs to /v1/jobs.
+
+    JSON types are taken as sent: `"count": "1"` or `true` is an error rather than a guess
+    at what the client meant (a number such as 4.0 is an integer, as JSON Schema says).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -69,14 +85,15 @@ class JobRequest(BaseModel):
     )
     channels: str | None = Field(
         default=None,
+        max_length=max(len(c) for c in CHANNEL_SETS),
         description=f"A channel set ({', '.join(CHANNEL_SETS)}). Alone it picks the model with exactly "
         "these channels or the smallest superset; with `model` it selects channels of that model.",
     )
-    count: int = Field(..., ge=1, description="Number of samples (1..the server's max_count).")
-    seed: int | None = Field(
+    count: Annotated[int, Field(ge=1), NOT_TEXT] = Field(
+        ..., description="Number of samples (1..the server's max_count)."
+    )
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), NOT_TEXT] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_SEED,
         description="Seed; sample i depends only on (seed, i). Random if absent.",
     )
     sampler: Sampler | None = Field(
@@ -84,10 +101,8 @@ class JobRequest(BaseModel):
         description="dpm++ (fast), ddim (deterministic) or ddpm (ancestral). Absent: the sampler the "
         "model's evaluation recommends (GET /v1/models, `recommended`), else dpm++.",
     )
-    steps: int | None = Field(
+    steps: Annotated[int, Field(ge=1, le=10000), NOT_TEXT] | None = Field(
         default=None,
-        ge=1,
-        le=10000,
         description="Sampling steps. Absent: the model's recommended steps when the sampler is the "
         f"recommended one, else the sampler's default {DEFAULT_STEPS}.",
     )

@@ -3,7 +3,9 @@
 Used by `synthmri up` (synthmri/stack.py) and by the integration tests. Every child
 gets a free localhost port, its own log file and the settings through `SYNTHMRI_*`
 environment variables; `check()` notices a child that died and says which, with the
-tail of its log.
+tail of its log, and `respawn()` starts a dead child again in its place (same port,
+same log; synthmri.supervise decides when). Redis keeps an append-only file under
+`{workdir}/redis/`, so a restarted Redis comes back with every job record and queued task.
 """
 
 from __future__ import annotations
@@ -73,19 +75,24 @@ class Child:
     proc: subprocess.Popen[bytes]
     log: Path
     log_file: IO[bytes]
+    argv: list[str]
+    started_at: float  # time.monotonic() of the spawn
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
 
-def redis_argv(port: int, host: str, workdir: Path) -> list[str]:
-    """redis-server on one localhost port, no persistence (job records are disposable)."""
+def redis_argv(port: int, host: str, workdir: Path, persist: bool = False) -> list[str]:
+    """redis-server on one localhost port. With `persist`, an append-only file in `workdir`
+    written every second (a killed Redis loses nothing it had answered; only a crash of the
+    machine can lose the last second); without, nothing is kept (unit tests)."""
     return [
         find_redis_server(),
         "--port", str(port),
         "--bind", host,
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes" if persist else "no",
+        "--appendfsync", "everysec",
         "--dir", str(workdir),
         "--protected-mode", "yes",
     ]  # fmt: skip
@@ -105,7 +112,7 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = redis_argv(self.port, self.host, self.workdir)
+        argv = redis_argv(self.port, self.host, self.workdir, persist=False)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + 30
@@ -157,6 +164,7 @@ class LocalStack:
         python: str = sys.executable,
         start_timeout: float = 180.0,
         die_with_parent: bool = False,
+        persist: bool = True,
     ) -> None:
         self.models_dir = Path(models_dir).resolve()
         self.results_dir = Path(results_dir).resolve()
@@ -172,6 +180,8 @@ class LocalStack:
         self.start_timeout = start_timeout
         # A supervisor (`synthmri up`) sets this so its children die even if it is SIGKILLed.
         self.die_with_parent = die_with_parent and sys.platform == "linux"
+        self.persist = persist
+        self.redis_dir = self.workdir / "redis"
         self.redis: Child | None = None
         self.api: Child | None = None
         self.workers: list[Child] = []
@@ -230,7 +240,7 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log = self.log_dir / f"{name}.log"
-        log_file = open(log, "ab")  # noqa: SIM115 (closed in _terminate)
+        log_file = open(log, "ab")  # noqa: SIM115 (closed in _terminate or respawn)
         # A new session keeps a terminal's Ctrl-C away from the children: stop() ends them in order.
         proc = subprocess.Popen(
             argv,
@@ -241,7 +251,7 @@ class LocalStack:
             start_new_session=True,
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
-        return Child(name, proc, log, log_file)
+        return Child(name, proc, log, log_file, argv, time.monotonic())
 
     def _wait(self, child: Child, ready: Callable[[], object], what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -263,12 +273,26 @@ class LocalStack:
         )
 
     def start_redis(self) -> None:
-        self.redis = self._spawn("redis", redis_argv(self.redis_port, self.host, self.workdir))
+        self.redis_dir.mkdir(parents=True, exist_ok=True)
+        argv = redis_argv(self.redis_port, self.host, self.redis_dir, self.persist)
+        self.redis = self._spawn("redis", argv)
+        self.wait_for_redis()
+
+    def wait_for_redis(self) -> None:
+        assert self.redis is not None
         client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
         try:
+            # A Redis loading its append-only file answers LOADING (a ConnectionError) until done.
             self._wait(self.redis, lambda: client.ping(), "reachable")
         finally:
             client.close()
+
+    def restart_redis(self, sig: int = signal.SIGKILL) -> None:
+        """Stop Redis with `sig` (SIGKILL: as a crash would) and start it again on the same port."""
+        assert self.redis is not None
+        _terminate(self.redis, sig)
+        self.respawn(self.redis.name)
+        self.wait_for_redis()
 
     def start_worker(self) -> int:
         """Start one more worker; returns its index in `self.workers`."""
@@ -307,6 +331,23 @@ class LocalStack:
         self.api = self._spawn("api", argv)
         url = self.url + "/healthz"
         self._wait(self.api, lambda: httpx.get(url, timeout=1).status_code == 200, "healthy")
+
+    def respawn(self, name: str) -> Child:
+        """Start the child called `name` again, as it was started (same argv, port and log),
+        without waiting for it to be ready; the dead process is reaped."""
+        old = next(c for c in self.children() if c.name == name)
+        if old.alive():
+            raise StackError(f"{name} is still running (pid {old.proc.pid})")
+        old.proc.wait()
+        old.log_file.close()
+        new = self._spawn(name, old.argv)
+        if old is self.redis:
+            self.redis = new
+        elif old is self.api:
+            self.api = new
+        else:
+            self.workers[self.workers.index(old)] = new
+        return new
 
     def dead(self) -> list[Child]:
         return [c for c in self.children() if not c.alive()]

@@ -1,7 +1,15 @@
 """The model registry: every checkpoint directory under the models dir, read from config.json.
 
-Torch-free (the API uses it): config.json is read as plain JSON, and the sha256 of a
-checkpoint is cached by file size and mtime so listing models does not rehash weights.
+Torch-free (the API uses it): config.json is read as plain JSON, the weights are verified
+structurally (synthmri.weights), and both the sha256 and the verification are cached by
+file size and mtime, so listing models does not reread the weights.
+
+A directory that fails any check is *unavailable*, with a one-line reason that names no
+server path; so is a checkpoint a worker could not load (the API passes those faults in).
+Requests are only ever resolved among available models. The tie rule for a request that
+names a channel set: a model with exactly those channels first, else the one with the
+fewest channels that include them; among equals, the first model name in alphabetical
+order. Name a model with `model` to choose another.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from synthmri.channels import CHANNEL_SETS, resolve_for_channels
 from synthmri.contract import DEFAULT_STEPS, SAMPLERS, Sampler, resolve_sampling
 from synthmri.hashing import CHECKPOINT_FILES, checkpoint_sha256
 from synthmri.modelcard import read_card, recommendation
+from synthmri.weights import verify_safetensors
 
 
 class RegistryError(ValueError):
@@ -61,64 +70,156 @@ class ModelInfo:
         }
 
 
-_hash_cache: dict[tuple[str, tuple[tuple[int, int], ...]], str] = {}
-_hash_lock = threading.Lock()
+@dataclass(frozen=True)
+class Unavailable:
+    """A model directory that cannot serve requests, and why."""
+
+    name: str
+    reason: str
+    channel_set: str | None = None
+    sha256: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "reason": self.reason, "channel_set": self.channel_set, "sha256": self.sha256
+        }  # fmt: skip
 
 
-def _cached_sha256(directory: Path) -> str:
+@dataclass(frozen=True)
+class Registry:
+    """The models directory as the API sees it: usable models and unavailable ones."""
+
+    models: dict[str, ModelInfo]
+    unavailable: dict[str, Unavailable]
+
+    def without_faults(self, faults: dict[str, str]) -> Registry:
+        """Move models whose checkpoint (by sha256) a worker failed to load to `unavailable`."""
+        if not faults:
+            return self
+        models, unavailable = dict(self.models), dict(self.unavailable)
+        for name, info in self.models.items():
+            if info.sha256 in faults:
+                del models[name]
+                reason = f"a worker could not load it: {faults[info.sha256]}"
+                unavailable[name] = Unavailable(name, reason, info.channel_set, info.sha256)
+        return Registry(models, dict(sorted(unavailable.items())))
+
+
+class ModelUnusable(ValueError):
+    """A checkpoint directory that cannot be served; the message names no server path."""
+
+
+_cache: dict[tuple[str, tuple[tuple[int, int], ...]], tuple[str, str | None]] = {}
+_cache_lock = threading.Lock()
+
+
+def _checked_sha256(directory: Path) -> str:
+    """The checkpoint sha256, after verifying the weights; both cached by size and mtime."""
     files = [directory.joinpath(n).stat() for n in CHECKPOINT_FILES]
     stats = tuple((st.st_size, st.st_mtime_ns) for st in files)
     key = (str(directory), stats)
-    with _hash_lock:
-        if key not in _hash_cache:
-            _hash_cache[key] = checkpoint_sha256(directory)
-        return _hash_cache[key]
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is None:
+        try:
+            verify_safetensors(directory / CHECKPOINT_FILES[0])
+            problem = None
+        except ValueError as e:
+            problem = str(e)
+        cached = (checkpoint_sha256(directory), problem)
+        with _cache_lock:
+            _cache[key] = cached
+    if cached[1] is not None:
+        raise ModelUnusable(cached[1])
+    return cached[0]
 
 
 def read_model(directory: Path) -> ModelInfo:
-    """ModelInfo of one checkpoint directory; ValueError with a one-line reason if unusable."""
+    """ModelInfo of one checkpoint directory; ModelUnusable with a one-line reason if unusable."""
     for name in CHECKPOINT_FILES:
         if not (directory / name).is_file():
-            raise ValueError(f"{directory} has no {name}")
-    cfg = json.loads((directory / "config.json").read_text())
-    channel_set = cfg["channel_set"]
+            raise ModelUnusable(f"it has no {name}")
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+        channel_set = cfg["channel_set"]
+        image_size = int(cfg["model"]["image_size"])
+        diffusion_steps = int(cfg["diffusion"]["steps"])
+        provenance = dict(cfg.get("provenance", {}))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise ModelUnusable("its config.json is not a readable checkpoint config") from None
     if channel_set not in CHANNEL_SETS:
-        raise ValueError(f"{directory}: unknown channel_set {channel_set!r}")
-    sha256 = _cached_sha256(directory)
+        raise ModelUnusable(f"its config.json names an unknown channel set {str(channel_set)[:40]!r}")
+    sha256 = _checked_sha256(directory)
     return ModelInfo(
         name=directory.name,
         channel_set=channel_set,
         channels=CHANNEL_SETS[channel_set],
-        image_size=int(cfg["model"]["image_size"]),
-        diffusion_steps=int(cfg["diffusion"]["steps"]),
-        provenance=dict(cfg.get("provenance", {})),
+        image_size=image_size,
+        diffusion_steps=diffusion_steps,
+        provenance=provenance,
         sha256=sha256,
         path=directory,
         card=read_card(directory, sha256),
     )
 
 
-def scan_models(models_dir: str | Path) -> dict[str, ModelInfo]:
-    """All usable checkpoints under `models_dir` by name; unreadable ones are skipped."""
+def _channel_set_of(directory: Path) -> str | None:
+    try:
+        value = json.loads((directory / "config.json").read_text()).get("channel_set")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if value in CHANNEL_SETS else None
+
+
+def scan_registry(models_dir: str | Path) -> Registry:
+    """Every checkpoint directory under `models_dir`: the usable ones and, with reasons, the rest."""
     root = Path(models_dir)
     found: dict[str, ModelInfo] = {}
+    unavailable: dict[str, Unavailable] = {}
     if not root.is_dir():
-        return found
+        return Registry(found, unavailable)
     for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             found[directory.name] = read_model(directory)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return found
+        except ModelUnusable as e:
+            unavailable[directory.name] = Unavailable(directory.name, str(e), _channel_set_of(directory))
+        except OSError as e:
+            reason = f"it cannot be read ({e.strerror or type(e).__name__})"
+            unavailable[directory.name] = Unavailable(directory.name, reason)
+    return Registry(found, unavailable)
 
 
-def resolve_model(models: dict[str, ModelInfo], model: str | None, channels: str | None) -> ModelInfo:
-    """The model a request names, or the one that serves its channel set (exact, else smallest superset)."""
+def scan_models(models_dir: str | Path) -> dict[str, ModelInfo]:
+    """The usable checkpoints under `models_dir` by name (see `scan_registry` for the rest)."""
+    return scan_registry(models_dir).models
+
+
+def resolve_model(
+    models: dict[str, ModelInfo],
+    model: str | None,
+    channels: str | None,
+    unavailable: dict[str, Unavailable] | None = None,
+) -> ModelInfo:
+    """The model a request names, or the one that serves its channel set (the tie rule is in
+    this module's docstring). Only `models` are candidates; `unavailable` ones are named in
+    the error when a request asks for them."""
+    unavailable = unavailable or {}
+    if model is not None and model in unavailable:
+        raise RegistryError(
+            f"model {model!r} is unavailable: {unavailable[model].reason}"
+            + (f"; available: {', '.join(sorted(models))}" if models else "")
+        )
     if not models:
+        if unavailable:
+            raise RegistryError(
+                "no model on this server is available (see GET /v1/models for why: "
+                + "; ".join(f"{u.name}: {u.reason}" for u in unavailable.values())[:300]
+                + ")"
+            )
         raise RegistryError("no models are installed on this server (the models directory is empty)")
     if model is not None:
         if model not in models:
-            raise RegistryError(f"unknown model {model!r}; available: {', '.join(sorted(models))}")
+            raise RegistryError(f"unknown model {model[:60]!r}; available: {', '.join(sorted(models))}")
         info = models[model]
         if channels is not None and not set(CHANNEL_SETS[channels]) <= set(info.channels):
             raise RegistryError(
@@ -129,7 +230,9 @@ def resolve_model(models: dict[str, ModelInfo], model: str | None, channels: str
     name = resolve_for_channels(channels, {n: m.channel_set for n, m in models.items()})
     if name is None:
         sets = sorted({m.channel_set for m in models.values()})
+        down = [u for u in unavailable.values() if u.channel_set == channels]
         raise RegistryError(
-            f"no installed model generates {channels!r}; available channel sets: {', '.join(sets)}"
+            f"no available model generates {channels!r}; available channel sets: {', '.join(sets)}"
+            + "".join(f"; model {u.name!r} would, but is unavailable: {u.reason}" for u in down[:3])
         )
     return models[name]

@@ -107,6 +107,30 @@ class Settings(BaseSettings):
     long_poll_max_seconds: float = Field(
         default=60.0, ge=0, description="Upper bound for `GET /v1/jobs/{id}?wait=S`."
     )
+    max_request_bytes: int = Field(
+        default=65536,
+        ge=1024,
+        description="Largest request body the API reads; a larger one is answered 413 without "
+        "being read to the end.",
+    )
+    redis_timeout_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Connect and reply timeout of the API's Redis calls: when Redis is stalled or "
+        "down, a request that needs it is answered 503 after about this long.",
+    )
+    worker_redis_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Connect and reply timeout of a worker's Redis calls. A timeout never fails a "
+        "job: sampling goes on without progress writes, and state changes wait for Redis.",
+    )
+    redis_outage_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="How long a worker waits for an unreachable Redis in the middle of a task; "
+        "after that it hands the task back, and the task runs again once Redis answers.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,11 +1,14 @@
 """`synthmri up`: the whole service on localhost in one foreground command.
 
 Starts Redis, one Celery worker and the API (synthmri.localstack), prints the URL,
-the API key and a curl example, then supervises: Ctrl-C / SIGTERM stops everything,
-and a child that dies takes the rest down with it and shows its log. Children run in
-their own sessions (a terminal's Ctrl-C reaches only this process, which stops them in
-order) and, on Linux, get SIGKILL if this process dies without cleaning up, so no
-Redis is ever left running behind it.
+the API key and a curl example, then supervises (synthmri.supervise): a child that
+dies is started again with back-off, and only a child that keeps dying right after
+starting stops the whole stack, with its log. Ctrl-C / SIGTERM stops everything.
+Redis keeps its data in an append-only file under the state directory, so restarting
+Redis or `up` itself loses no accepted job. Children run in their own sessions (a
+terminal's Ctrl-C reaches only this process, which stops them in order) and, on Linux,
+get SIGKILL if this process dies without cleaning up, so no Redis is ever left
+running behind it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from types import FrameType
 from synthmri.cli import CliError, make_parser
 from synthmri.localstack import LocalStack, StackError
 from synthmri.registry import scan_models
+from synthmri.supervise import RestartPolicy, supervise
 
 DEMO_MODEL = "demo"
 # `python -m synthmri.cli` would load the CLI twice (as __main__ and as synthmri.cli), and
@@ -129,6 +133,7 @@ def banner(stack: LocalStack, key: str | None, key_source: str, models: dict[str
             f"  curl -s -o grid.png {url}/v1/jobs/JOB_ID/grid.png {auth}",
             f"  curl -s -o job.zip {url}/v1/jobs/JOB_ID/archive.zip {auth}",
             "",
+            f"Redis keeps its data in {stack.redis_dir}/; a process that dies is started again.",
             "Press Ctrl-C to stop.",
         ]
     )
@@ -160,7 +165,8 @@ def main(argv: list[str]) -> int:
         "--api-key", help="API key to accept (default: SYNTHMRI_API_KEYS, else a generated one)"
     )
     parser.add_argument(
-        "--state-dir", type=Path, default=Path("var/up"), help="logs and the generated key (default ./var/up)"
+        "--state-dir", type=Path, default=Path("var/up"),
+        help="logs, Redis data and the generated key (default ./var/up)",
     )
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -195,8 +201,8 @@ def main(argv: list[str]) -> int:
         stack.start_api()
         say(f"all three up in {time.monotonic() - started:.1f} s")
         print(banner(stack, key, key_source, models), flush=True)
-        stack.wait(poll=0.5)
-        return 1  # wait() only returns by raising
+        supervise(stack, say, RestartPolicy())
+        return 1  # supervise() only returns by raising
     except Stop as stop:
         say(f"{stop} received, stopping ...")
         return 0

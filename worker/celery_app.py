@@ -9,18 +9,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
 
 from synthmri import __version__
-from synthmri.contract import QUEUE, TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE
-from synthmri.jobstore import WORKER_HEARTBEAT_PREFIX, JobStore
+from synthmri.contract import JOB_ID_PATTERN, QUEUE, TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE, JobState
+from synthmri.jobstore import STORE_ERRORS, WORKER_HEARTBEAT_PREFIX, JobStore
 from synthmri.settings import Settings, get_settings
 
 log = logging.getLogger("synthmri.worker")
@@ -28,6 +30,11 @@ log = logging.getLogger("synthmri.worker")
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_TTL = 20
 EXPIRES_FILE = ".expires"  # unix time after which a job directory may be removed
+# A job directory with no record behind it is removed only once untouched for this long.
+ORPHAN_GRACE_SECONDS = 600.0
+# A job the API recorded but never confirmed as queued is failed after this long (the
+# API answers well within it, 503 included).
+UNQUEUED_GRACE_SECONDS = 30.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -49,7 +56,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": 1,
         "worker_pool": "solo",
         "broker_connection_retry_on_startup": True,
+        # A worker waits for its broker however long Redis is away (under `synthmri up` or
+        # compose it would only be restarted into the same wait).
+        "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Jobs report through the job store; a result write is one more Redis call that could
+        # fail after the work is done.
+        "task_ignore_result": True,
         "broker_transport_options": {
             # A running task renews its lease (worker.tasks.Lease), so the visibility timeout
             # only needs to cover the gap between renewals, and a dead worker's task returns
@@ -67,19 +80,50 @@ app = Celery("synthmri", include=["worker.tasks"])
 app.conf.update(celery_config(settings))
 
 
-def sweep_expired_results(results_dir: Path, now: float | None = None) -> list[str]:
-    """Remove job directories whose TTL has passed; returns the removed job ids."""
+def sweep_results(
+    results_dir: Path, state_of: Callable[[str], JobState | None], now: float | None = None
+) -> list[str]:
+    """Remove job directories nobody can download from; returns the removed job ids.
+
+    Removed: a directory whose expiry marker has passed (finalised jobs), one whose job
+    failed or was cancelled, and one whose job record is gone and that has not been
+    touched for ORPHAN_GRACE_SECONDS. A failed job may have no marker at all: its disk
+    filled up before one could be written. `state_of` reads the job store; when Redis
+    does not answer, only expiry markers count for the rest of the sweep, since nothing
+    may be removed on a guess.
+    """
     now = time.time() if now is None else now
     removed: list[str] = []
     if not results_dir.is_dir():
         return removed
-    for job_dir in results_dir.iterdir():
-        marker = job_dir / EXPIRES_FILE
-        try:
-            expires = float(marker.read_text())
-        except (OSError, ValueError):
+    job_id = re.compile(JOB_ID_PATTERN)
+    store_answers = True
+    for job_dir in sorted(results_dir.iterdir()):
+        if not job_id.match(job_dir.name) or not job_dir.is_dir():
             continue
-        if expires <= now:
+        try:
+            expires: float | None = float((job_dir / EXPIRES_FILE).read_text())
+        except (OSError, ValueError):
+            expires = None
+        if expires is not None:
+            if expires <= now:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                removed.append(job_dir.name)
+            continue
+        if not store_answers:
+            continue
+        try:
+            state = state_of(job_dir.name)
+        except STORE_ERRORS:
+            log.warning("results sweep: Redis unreachable; only expired directories are removed this time")
+            store_answers = False
+            continue
+        try:
+            untouched = now - job_dir.stat().st_mtime
+        except OSError:
+            continue
+        orphan = state is None and untouched > ORPHAN_GRACE_SECONDS
+        if orphan or state in (JobState.failed, JobState.cancelled):
             shutil.rmtree(job_dir, ignore_errors=True)
             removed.append(job_dir.name)
     return removed
@@ -92,7 +136,7 @@ class _Background(threading.Thread):
         super().__init__(name="synthmri-heartbeat", daemon=True)
         self.hostname = hostname
         self.stop = threading.Event()
-        self.store = JobStore.from_url(settings.redis_url)
+        self.store = JobStore.from_url(settings.redis_url, timeout=settings.worker_redis_timeout_seconds)
 
     def run(self) -> None:
         from worker.model_cache import loaded_models
@@ -110,10 +154,12 @@ class _Background(threading.Thread):
                     "time": time.time(),
                 }
                 self.store.heartbeat(self.hostname, info, HEARTBEAT_TTL)
+                for job_id in self.store.fail_unqueued(UNQUEUED_GRACE_SECONDS):
+                    log.warning("job %s was recorded but never queued; marked failed", job_id)
                 if time.monotonic() - last_sweep >= settings.cleanup_interval_seconds:
                     last_sweep = time.monotonic()
-                    for job_id in sweep_expired_results(settings.results_dir):
-                        log.info("removed expired results of job %s", job_id)
+                    for job_id in sweep_results(settings.results_dir, self.store.state):
+                        log.info("removed the files of job %s (expired, failed or orphaned)", job_id)
             except Exception:
                 log.exception("heartbeat failed")
             self.stop.wait(HEARTBEAT_SECONDS)

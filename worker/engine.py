@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from synthmri import __version__
 from synthmri.contract import JobSpec, JobState, Manifest
-from synthmri.jobstore import JobStore
+from synthmri.jobstore import STORE_ERRORS, JobStore
+from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
+from worker.outage import BestEffort, worker_stopping
+
+if TYPE_CHECKING:
+    from model.checkpoint import LoadedCheckpoint
 
 log = logging.getLogger("synthmri.worker")
 
@@ -34,6 +41,18 @@ NPZ = "samples.npz"
 
 class JobError(RuntimeError):
     """A job that cannot run (the message is shown to the client)."""
+
+
+class ModelLoadError(JobError):
+    """The job's checkpoint cannot be loaded: the model itself is at fault, not the job."""
+
+
+def public_roots(settings: Settings) -> dict[str | Path, str]:
+    """Server directories as clients see them in error messages."""
+    roots: dict[str | Path, str] = {}
+    for directory, label in ((settings.results_dir, "<results>"), (settings.models_dir, "<models>")):
+        roots[Path(directory).resolve()] = roots[str(directory)] = label
+    return roots
 
 
 def resolve_device(setting: str) -> str:
@@ -95,14 +114,13 @@ def sample_range(
 ) -> int:
     """Generate and write samples [start, stop) that are not yet complete; returns how many."""
     from model.generate import decode_sample, generate
-    from worker.model_cache import get_checkpoint
     from worker.writers import atomic_write_bytes, sample_filename, write_nifti, write_png
 
     todo = missing_indices(spec, directory, start, stop)
     if not todo:
         return 0
     device = resolve_device(settings.device)
-    ckpt = get_checkpoint(Path(settings.models_dir) / spec.model, device)
+    ckpt = load_model(spec, settings, device)
     if ckpt.sha256 != spec.model_sha256:
         raise JobError(
             f"model {spec.model!r} was replaced after the job was submitted "
@@ -134,6 +152,20 @@ def sample_range(
         np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
         atomic_write_bytes(part_path(directory, i), buf.getvalue())
     return len(todo)
+
+
+def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:
+    """The job's checkpoint; ModelLoadError when its files are unusable (not when unreadable:
+    a permission or I/O error says nothing about the weights)."""
+    from model.checkpoint import CheckpointError
+    from synthmri.registry import ModelUnusable
+    from worker.model_cache import get_checkpoint
+
+    try:
+        return get_checkpoint(Path(settings.models_dir) / spec.model, device)
+    except (CheckpointError, ModelUnusable) as e:
+        reason = describe_error(e, public_roots(settings)).removeprefix(f"{type(e).__name__}: ")
+        raise ModelLoadError(reason) from e
 
 
 def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
@@ -207,8 +239,16 @@ class Throttle:
         return False
 
 
-def process_range(store: JobStore, settings: Settings, job_id: str, start: int, stop: int) -> str:
-    """One Celery task's work; returns what happened (for the task result and logs)."""
+def process_range(
+    store: JobStore, settings: Settings, job_id: str, start: int, stop: int, holder: str | None = None
+) -> str:
+    """One Celery task's work; returns what happened (for the task result and logs).
+
+    Safe to run again at any point (after a crash, a redelivery or a Redis error, see
+    worker.outage): written samples are skipped and state changes are idempotent. Redis
+    errors propagate so the caller can wait for Redis; no other error escapes without the
+    job being marked failed. `holder` names the task for the finalisation lease.
+    """
     from model.samplers import SamplingCancelled
 
     rec = store.get(job_id)
@@ -223,16 +263,17 @@ def process_range(store: JobStore, settings: Settings, job_id: str, start: int, 
     n = stop - start
 
     write_throttle, stop_throttle = Throttle(settings.progress_interval_seconds), Throttle(0.1)
+    polls = BestEffort()
     cancelled = False
 
     def progress(done: int, total: int) -> None:
         if write_throttle.ready():
-            store.set_progress(job_id, start, n * done / max(1, total), 0)
+            polls.call(lambda: store.set_progress(job_id, start, n * done / max(1, total), 0), None)
 
     def should_stop() -> bool:
         nonlocal cancelled
         if not cancelled and stop_throttle.ready():
-            cancelled = store.cancel_requested(job_id)
+            cancelled = polls.call(lambda: store.cancel_requested(job_id), False)
         return cancelled
 
     try:
@@ -240,48 +281,70 @@ def process_range(store: JobStore, settings: Settings, job_id: str, start: int, 
                                  progress=progress, should_stop=should_stop)  # fmt: skip
     except SamplingCancelled:
         return cancel(store, spec, directory)
+    except STORE_ERRORS:
+        raise
+    except ModelLoadError as e:
+        if store.cancel_requested(job_id):
+            return cancel(store, spec, directory)
+        log.error("job %s: model %s cannot be loaded: %s", job_id, spec.model, e)
+        store.record_model_fault(spec.model_sha256, str(e))
+        return fail(store, spec, directory, f"model {spec.model!r} could not be loaded ({e}); it is now "
+                    "listed as unavailable in GET /v1/models. Submit the job again: a request by channel "
+                    "set will use another model")  # fmt: skip
     except Exception as e:
+        if worker_stopping(e):
+            raise
         if store.cancel_requested(job_id):  # e.g. the directory vanished under a cancel
             return cancel(store, spec, directory)
         log.exception("job %s range [%d, %d) failed", job_id, start, stop)
-        store.finish(job_id, JobState.failed, error=f"sampling failed: {type(e).__name__}: {e}")
-        return "failed"
+        return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
     if store.cancel_requested(job_id):
         return cancel(store, spec, directory)
     store.set_progress(job_id, start, n, n)
-    store.count_samples(generated)
-    if store.mark_range_done(job_id, start) == len(spec.ranges()):
-        return maybe_finalize(store, settings, job_id)
+    if store.mark_range_done(job_id, start, n) == len(spec.ranges()):
+        return maybe_finalize(store, settings, job_id, holder)
     return f"sampled {generated} of [{start}, {stop})"
 
 
-def maybe_finalize(store: JobStore, settings: Settings, job_id: str) -> str:
+def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str | None = None) -> str:
     """Finalise if every range is in and no other task holds the finalisation lease."""
     rec = store.get(job_id)
     if rec is None or rec.state != JobState.running:
         return "skipped finalisation: job not running"
     lease = max(60, settings.visibility_timeout_seconds)
-    if not store.claim_finalize(job_id, lease):
+    if not store.claim_finalize(job_id, lease, holder or secrets.token_hex(8)):
         return "skipped finalisation: another task holds it"
     directory = job_dir(settings, job_id)
     try:
         missing = [i for i in range(rec.spec.count) if not part_path(directory, i).exists()]
         if missing:
             # A range was marked done but its files are gone (e.g. results dir wiped): redo it.
-            store.release_finalize(job_id)
             raise JobError(f"samples {missing[:5]} are missing from the results directory")
         finalize(rec.spec, directory, settings=settings, started_at=rec.started_at)
+    except STORE_ERRORS:
+        raise
     except Exception as e:
+        if worker_stopping(e):
+            raise
         store.release_finalize(job_id)
         if store.cancel_requested(job_id):
             return cancel(store, rec.spec, directory)
         log.exception("finalising job %s failed", job_id)
-        store.finish(job_id, JobState.failed, error=f"finalising failed: {type(e).__name__}: {e}")
-        return "failed"
+        reason = describe_error(e, public_roots(settings))
+        return fail(store, rec.spec, directory, f"finalising failed: {reason}")
     if not store.finish(job_id, JobState.succeeded):
         # Cancelled while finalising: the cancel wins, and nothing of the job is kept.
         return cancel(store, rec.spec, directory)
     return "succeeded"
+
+
+def fail(store: JobStore, spec: JobSpec, directory: Path, error: str) -> str:
+    """Mark the job failed and remove its files at once (a failed job has nothing to download,
+    and on a full disk its partial files are what fills it). The sweeper catches whatever
+    another task of the job writes afterwards."""
+    store.finish(spec.id, JobState.failed, error=error)
+    shutil.rmtree(directory, ignore_errors=True)
+    return "failed"
 
 
 def cancel(store: JobStore, spec: JobSpec, directory: Path) -> str:

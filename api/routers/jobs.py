@@ -1,19 +1,30 @@
-"""/v1/jobs: submit, watch, cancel and download generation jobs."""
+"""/v1/jobs: submit, watch, cancel and download generation jobs.
+
+Every route is `async def` and awaits the job store, so no request ever blocks the
+event loop or a thread on Redis; blocking work (the model scan, publishing to the
+broker, file checks) runs in worker threads.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, ServicesDep
-from api.problems import Problem
+from api.deps import JsonBody, OwnerDep, ServicesDep
+from api.problems import Problem, answers, clip
 from synthmri.contract import (
     ACTIVE_STATES,
     JobRequest,
@@ -25,10 +36,11 @@ from synthmri.contract import (
     new_job_id,
     new_seed,
 )
-from synthmri.jobstore import JobRecord
-from synthmri.registry import RegistryError, resolve_model, scan_models
+from synthmri.jobstore import STORE_ERRORS, JobRecord
+from synthmri.registry import RegistryError, resolve_model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("synthmri.api")
 
 JobId = Annotated[str, PathParam(description="The job id returned by POST /v1/jobs", max_length=64)]
 
@@ -82,12 +94,22 @@ def view(request: Request, services: ServicesDep, rec: JobRecord) -> JobView:
     )
 
 
-def own_job(services: ServicesDep, owner: str, job_id: str) -> JobRecord:
+async def own_job(services: ServicesDep, owner: str, job_id: str) -> JobRecord:
     """The caller's job, or 404 — also for another key's job, so ids reveal nothing."""
-    rec = services.store.get(job_id) if job_id.isalnum() else None
+    rec = await services.store.get(job_id) if job_id.isascii() and job_id.isalnum() else None
     if rec is None or rec.spec.owner != owner:
-        raise Problem(404, f"no job {job_id!r} for this API key (it may have expired)")
+        raise Problem(404, f"no job {clip(job_id)} for this API key (it may have expired)")
     return rec
+
+
+def invalid(field: str, detail: str) -> Problem:
+    """A 422 about one field of the request body, listed in `errors` like a validation error."""
+    return Problem(422, detail, errors=[{"loc": ["body", field], "msg": detail, "type": "value_error"}])
+
+
+def _file(media_type: str, what: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers of a download route."""
+    return {200: {"content": {media_type: {}}, "description": what}, **answers(401, 404, 409, 410, 422, 503)}
 
 
 @router.post(
@@ -95,24 +117,33 @@ def own_job(services: ServicesDep, owner: str, job_id: str) -> JobRecord:
     status_code=202,
     response_model=JobView,
     summary="Submit a generation job",
-    responses={202: {"headers": {"Location": {"description": "URL of the new job"}}}},
+    responses={
+        202: {"headers": {"Location": {"description": "URL of the new job", "schema": {"type": "string"}}}},
+        **answers(401, 413, 415, 422, 429, 503),
+    },
 )
-def submit_job(
-    body: JobRequest, request: Request, response: Response, services: ServicesDep, owner: OwnerDep
+async def submit_job(
+    body: JobRequest,
+    request: Request,
+    response: Response,
+    services: ServicesDep,
+    owner: OwnerDep,
+    _json: JsonBody,
 ) -> JobView:
     settings = services.settings
     if body.count > settings.max_count:
-        raise Problem(
-            422, f"count {body.count} exceeds this server's limit of {settings.max_count} samples per job; "
-            "split it into several jobs (use different seeds or consecutive requests)",
+        raise invalid(
+            "count", f"count {body.count} exceeds this server's limit of {settings.max_count} samples per "
+            "job; split it into several jobs (use different seeds or consecutive requests)",
         )  # fmt: skip
+    registry = (await services.models.scan()).without_faults(await services.store.model_faults())
     try:
-        info = resolve_model(scan_models(settings.models_dir), body.model, body.channels)
+        info = resolve_model(registry.models, body.model, body.channels, registry.unavailable)
     except RegistryError as e:
-        raise Problem(422, str(e)) from None
+        raise invalid("model" if body.model is not None else "channels", str(e)) from None
     sampler, steps = info.sampling(body.sampler, body.steps)
     if steps > info.diffusion_steps:
-        raise Problem(422, f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
+        raise invalid("steps", f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
     spec = JobSpec(
         id=new_job_id(),
@@ -131,7 +162,7 @@ def submit_job(
         created_at=time.time(),
         request=body.model_dump(mode="json", exclude_none=True),
     )
-    active = services.store.create(spec, settings.result_ttl_seconds, settings.max_active_jobs_per_key)
+    active = await services.store.create(spec, settings.result_ttl_seconds, settings.max_active_jobs_per_key)
     if active is not None:
         raise Problem(
             429, f"this API key already has {active} queued or running jobs (limit "
@@ -139,27 +170,45 @@ def submit_job(
             headers={"Retry-After": "10"},
         )  # fmt: skip
     try:
-        services.queue.enqueue_job(spec)
+        await run_in_threadpool(services.queue.enqueue_job, spec)
     except Exception as e:
-        services.store.finish(spec.id, JobState.failed, error="could not enqueue the job")
-        raise Problem(503, f"the task queue is unreachable ({type(e).__name__}); try again shortly") from None
+        log.warning("job %s: enqueueing failed: %s", spec.id, type(e).__name__)
+        # If Redis cannot take this either, the workers' sweep fails the unconfirmed job.
+        with contextlib.suppress(*STORE_ERRORS):
+            await services.store.fail(spec.id, "the task queue was unreachable; submit the job again")
+        raise Problem(
+            503, f"the task queue is unreachable ({type(e).__name__}); try again shortly",
+            headers={"Retry-After": "5"},
+        ) from None  # fmt: skip
+    # Only a confirmed job counts as accepted; one left unconfirmed (this call failing) is
+    # failed by the workers' sweep, so a 503 here never leaves a job queued for ever.
+    await services.store.confirm_queued(spec.id)
     response.headers["Location"] = f"/v1/jobs/{spec.id}"
-    rec = services.store.get(spec.id)
-    assert rec is not None
+    rec = await services.store.get(spec.id)
+    if rec is None:
+        raise Problem(503, "the job store lost the new job (Redis restarted?); submit it again")
     return view(request, services, rec)
 
 
-@router.get("", response_model=JobList, summary="List your jobs, newest first")
-def list_jobs(
+@router.get(
+    "", response_model=JobList, summary="List your jobs, newest first", responses=answers(401, 422, 503)
+)
+async def list_jobs(
     request: Request,
     services: ServicesDep,
     owner: OwnerDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
-    return JobList(jobs=[view(request, services, r) for r in services.store.list_for_owner(owner, limit)])
+    records = await services.store.list_for_owner(owner, limit)
+    return JobList(jobs=[view(request, services, r) for r in records])
 
 
-@router.get("/{job_id}", response_model=JobView, summary="A job's state, progress, timings and links")
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    summary="A job's state, progress, timings and links",
+    responses=answers(401, 404, 422, 503),
+)
 async def get_job(
     job_id: JobId,
     request: Request,
@@ -169,70 +218,99 @@ async def get_job(
         float, Query(ge=0, description="Long-poll: wait up to this many seconds for a state change")
     ] = 0,
 ) -> JobView:
-    rec = own_job(services, owner, job_id)
+    rec = await own_job(services, owner, job_id)
     deadline = time.monotonic() + min(wait, services.settings.long_poll_max_seconds)
     first = rec.state
     while not rec.state.terminal and rec.state == first and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        rec = own_job(services, owner, job_id)
+        rec = await own_job(services, owner, job_id)
     return view(request, services, rec)
 
 
-@router.delete("/{job_id}", response_model=JobView, status_code=202, summary="Cancel a job")
-def cancel_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
-    """Queued: it never runs. Running: it stops at the next sampler step and its files are removed."""
-    rec = own_job(services, owner, job_id)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobView,
+    status_code=202,
+    summary="Cancel a job, keeping its record",
+    responses=answers(401, 404, 409, 422, 503),
+)
+async def cancel_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
+    """Queued: it never runs. Running: it stops at the next sampler step and its files are
+    removed. The job stays listed, as `cancelled`, until its record expires."""
+    rec = await own_job(services, owner, job_id)
     if rec.state in (JobState.succeeded, JobState.failed):
         raise Problem(409, f"job {job_id} already {rec.state.value}; there is nothing to cancel")
     if rec.state in ACTIVE_STATES:
-        services.store.request_cancel(job_id)
-        rec = own_job(services, owner, job_id)
+        await services.store.request_cancel(job_id)
+        rec = await own_job(services, owner, job_id)
     return view(request, services, rec)
 
 
-def _result_file(services: ServicesDep, rec: JobRecord, name: str) -> Path:
+@router.delete(
+    "/{job_id}",
+    response_model=JobView,
+    status_code=202,
+    summary="Delete a job: cancel it if it is active, then remove its record and files",
+    responses=answers(401, 404, 422, 503),
+)
+async def delete_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
+    """Answers with the job as it ends: `cancelled` if it was queued or running (a running
+    job stops at its next sampler step), else its final state. Afterwards the job answers
+    404 and its files are gone."""
+    rec = await own_job(services, owner, job_id)
+    await services.store.delete(job_id, owner)
+    directory = Path(services.settings.results_dir) / rec.spec.id
+    await run_in_threadpool(shutil.rmtree, directory, True)
+    if rec.state in ACTIVE_STATES:
+        rec = replace(rec, state=JobState.cancelled, finished_at=time.time())
+    return view(request, services, rec)
+
+
+async def _result_file(services: ServicesDep, rec: JobRecord, name: str) -> Path:
     if rec.state != JobState.succeeded:
         raise Problem(409, f"job {rec.spec.id} is {rec.state.value}; results exist once it has succeeded")
     path = Path(services.settings.results_dir) / rec.spec.id / name
-    if not path.is_file():
+    if not await anyio.Path(path).is_file():
         raise Problem(410, f"the files of job {rec.spec.id} are no longer available (expired or removed)")
     return path
 
 
-@router.get(
-    "/{job_id}/grid.png", response_class=FileResponse, summary="Grid PNG: rows = samples, columns = channels"
-)
-def get_grid(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = _result_file(services, own_job(services, owner, job_id), GRID)
+@router.get("/{job_id}/grid.png", response_class=FileResponse,
+            summary="Grid PNG: rows = samples, columns = channels",
+            responses=_file("image/png", "The grid"))  # fmt: skip
+async def get_grid(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
+    path = await _result_file(services, await own_job(services, owner, job_id), GRID)
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/{job_id}/manifest.json", response_class=FileResponse, summary="The job's manifest")
-def get_manifest(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = _result_file(services, own_job(services, owner, job_id), MANIFEST)
+@router.get("/{job_id}/manifest.json", response_class=FileResponse, summary="The job's manifest",
+            responses=_file("application/json", "manifest.json (see README, Output format)"))  # fmt: skip
+async def get_manifest(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
+    path = await _result_file(services, await own_job(services, owner, job_id), MANIFEST)
     return FileResponse(path, media_type="application/json")
 
 
-@router.get("/{job_id}/archive.zip", response_class=FileResponse, summary="Everything as one zip")
-def get_archive(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = _result_file(services, own_job(services, owner, job_id), ARCHIVE)
+@router.get("/{job_id}/archive.zip", response_class=FileResponse, summary="Everything as one zip",
+            responses=_file("application/zip", "Every file of the job"))  # fmt: skip
+async def get_archive(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
+    path = await _result_file(services, await own_job(services, owner, job_id), ARCHIVE)
     return FileResponse(path, media_type="application/zip", filename=f"synthmri_{job_id}.zip")
 
 
-def _sample(
+async def _sample(
     services: ServicesDep, owner: str, job_id: str, index: int, channel: str, ext: str
 ) -> FileResponse:
-    rec = own_job(services, owner, job_id)
+    rec = await own_job(services, owner, job_id)
     spec = rec.spec
     if not 0 <= index < spec.count:
         raise Problem(404, f"job {job_id} has samples 0..{spec.count - 1}; there is no sample {index}")
     if channel not in spec.channels:
-        raise Problem(404, f"job {job_id} has channels {', '.join(spec.channels)}; not {channel!r}")
+        raise Problem(404, f"job {job_id} has channels {', '.join(spec.channels)}; not {clip(channel)}")
     fmt, media = EXTENSIONS[ext]
     if fmt not in spec.formats:
         raise Problem(404, f"job {job_id} did not request {fmt} output (formats: {', '.join(spec.formats)})")
     # Every piece of the name was checked against the job's own spec above.
-    path = _result_file(services, rec, f"{spec.id}_{index:04d}_{channel}.{ext}")
+    path = await _result_file(services, rec, f"{spec.id}_{index:04d}_{channel}.{ext}")
     return FileResponse(path, media_type=media, filename=path.name)
 
 
@@ -240,16 +318,18 @@ SampleIndex = Annotated[int, PathParam(ge=0, description="Sample index, 0..count
 
 
 @router.get("/{job_id}/samples/{index}/{channel}.nii.gz", response_class=FileResponse,
-            summary="One sample's channel as NIfTI")  # fmt: skip
-def get_sample_nifti(
+            summary="One sample's channel as NIfTI",
+            responses=_file("application/gzip", "A gzipped NIfTI-1 file"))  # fmt: skip
+async def get_sample_nifti(
     job_id: JobId, index: SampleIndex, channel: str, services: ServicesDep, owner: OwnerDep
 ) -> FileResponse:
-    return _sample(services, owner, job_id, index, channel, "nii.gz")
+    return await _sample(services, owner, job_id, index, channel, "nii.gz")
 
 
 @router.get("/{job_id}/samples/{index}/{channel}.png", response_class=FileResponse,
-            summary="One sample's channel as PNG")  # fmt: skip
-def get_sample_png(
+            summary="One sample's channel as PNG",
+            responses=_file("image/png", "An 8-bit PNG"))  # fmt: skip
+async def get_sample_png(
     job_id: JobId, index: SampleIndex, channel: str, services: ServicesDep, owner: OwnerDep
 ) -> FileResponse:
-    return _sample(services, owner, job_id, index, channel, "png")
+    return await _sample(services, owner, job_id, index, channel, "png")

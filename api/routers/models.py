@@ -1,4 +1,4 @@
-"""GET /v1/models: the checkpoints this server can sample from."""
+"""GET /v1/models: the checkpoints this server can sample from, and those it cannot."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from api.deps import ServicesDep
-from synthmri.registry import scan_models
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -38,12 +37,30 @@ class ModelPublic(BaseModel):
     )
 
 
+class UnavailableModel(BaseModel):
+    name: str
+    reason: str = Field(description="Why requests cannot use it (e.g. its weights failed verification)")
+    channel_set: str | None = Field(description="Its channel set, when its config.json can be read")
+    sha256: str | None = Field(description="Its checkpoint sha256, when known")
+
+
 class ModelList(BaseModel):
-    models: list[ModelPublic]
+    models: list[ModelPublic] = Field(description="Models requests can use")
+    unavailable: list[UnavailableModel] = Field(
+        default_factory=list,
+        description="Model directories that failed verification, or whose checkpoint a worker could "
+        "not load; they are never chosen for a request.",
+    )
 
 
 @router.get("", response_model=ModelList, summary="List the installed models")
-def list_models(services: ServicesDep) -> ModelList:
-    """Public: model names and provenance hold no secrets, and the web page lists them before login."""
-    models = scan_models(services.settings.models_dir)
-    return ModelList(models=[ModelPublic(**m.public()) for m in models.values()])
+async def list_models(services: ServicesDep) -> ModelList:
+    """Public: model names and provenance hold no secrets, and the web page lists them before login.
+
+    The workers' load failures come from a view refreshed in the background, so this
+    answers at once even while Redis is stalled (with the last faults it read)."""
+    registry = (await services.models.scan()).without_faults(await services.faults.current())
+    return ModelList(
+        models=[ModelPublic(**m.public()) for m in registry.models.values()],
+        unavailable=[UnavailableModel(**u.public()) for u in registry.unavailable.values()],
+    )

@@ -244,7 +244,7 @@ async function cancelJob() {
   if (!state.job) return;
   state.polling = false;
   try {
-    await api(`/v1/jobs/${encodeURIComponent(state.job.id)}`, { method: "DELETE" });
+    await api(`/v1/jobs/${encodeURIComponent(state.job.id)}/cancel`, { method: "POST" });
     $("progress-text").textContent = "cancelled";
   } catch (e) {
     showError(e.message);

@@ -27,7 +27,11 @@ def store(redis_url: str) -> Iterator[JobStore]:
 
 
 def write_model(models_dir: Path, name: str, channel_set: str, image_size: int = 32) -> Path:
-    """A checkpoint directory the registry can read: real config.json, placeholder weights."""
+    """A checkpoint directory the registry can read: real config.json, placeholder weights (a
+    well-formed safetensors file of one small tensor that differs per name)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     from model.config import CheckpointConfig, get_preset
 
     preset = get_preset("tiny", channel_set)
@@ -36,5 +40,6 @@ def write_model(models_dir: Path, name: str, channel_set: str, image_size: int =
     d = models_dir / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(cfg.to_json())
-    (d / "model.safetensors").write_bytes(name.encode() * 10)
+    placeholder = np.frombuffer(name.encode().ljust(16, b"_"), dtype=np.uint8).astype(np.float32)
+    save_file({"placeholder": placeholder}, str(d / "model.safetensors"))
     return d

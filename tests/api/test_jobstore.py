@@ -31,14 +31,49 @@ def test_state_machine_is_guarded(store: JobStore) -> None:
     store.create(spec, ttl_seconds=100)
     rec = store.get(spec.id)
     assert rec is not None and rec.state == JobState.queued and rec.spec == spec
-    assert store.mark_running(spec.id) and not store.mark_running(spec.id)
+    assert store.transition(spec.id, JobState.running, (JobState.queued,)) == JobState.queued
+    assert store.transition(spec.id, JobState.running, (JobState.queued,)) is None
+    assert store.mark_running(spec.id)  # already running: a repeated call is not a failure
+    store.set_progress(spec.id, 0, 2.0, 2)
+    store.mark_range_done(spec.id, 0, 2)
+    assert store.finish(spec.id, JobState.succeeded)
+    # A repeated finish (its first answer lost to a Redis stall) succeeds and counts once.
     assert store.finish(spec.id, JobState.succeeded)
     assert not store.finish(spec.id, JobState.cancelled)  # terminal states are final
     assert store.state(spec.id) == JobState.succeeded
-    assert 0 < store.r.ttl(job_key(spec.id)) <= 100  # finished records expire
+    for suffix in ("", ":progress", ":ranges"):  # finished records expire, all their keys
+        assert 0 < store.r.ttl(job_key(spec.id) + suffix) <= 100, suffix
     stats = store.stats()
-    assert stats["states"]["succeeded"] == 1 and stats["states"]["queued"] == 0
+    assert (stats["states"]["succeeded"], stats["states"]["queued"], stats["states"]["running"]) == (1, 0, 0)
     assert int(stats["latency"]["count"]) == 1
+
+
+def test_repeated_writes_are_harmless(store: JobStore) -> None:
+    """Each write may be sent twice (a lost answer, then a retry): the outcome is the same."""
+    spec = make_spec(count=4)
+    assert store.create(spec, 100, max_active=1) is None
+    assert store.create(spec, 100, max_active=1) is None  # the same job again: created, not 429
+    assert store.stats()["states"]["queued"] == 1 and store.active_count(spec.owner) == 1
+    assert store.mark_range_done(spec.id, 0, 2) == 1
+    assert store.mark_range_done(spec.id, 0, 2) == 1
+    assert store.stats()["samples"] == 2
+    assert store.claim_finalize(spec.id, 60, "task-1") and store.claim_finalize(spec.id, 60, "task-1")
+    assert not store.claim_finalize(spec.id, 60, "task-2")
+
+
+def test_unconfirmed_jobs_are_failed_and_free_their_slot(store: JobStore) -> None:
+    """A job recorded by a POST that then answered 503 never stays queued."""
+    lost, kept = make_spec("1" * 16, "A"), make_spec("2" * 16, "A")
+    store.create(lost, 100, max_active=2)
+    store.create(kept, 100, max_active=2)
+    store.confirm_queued(kept.id)
+    assert store.fail_unqueued(older_than_seconds=60) == []  # too recent: its POST may still answer
+    assert store.fail_unqueued(older_than_seconds=0) == [lost.id]
+    rec = store.get(lost.id)
+    assert rec is not None and rec.state == JobState.failed and "submit it again" in (rec.error or "")
+    assert store.state(kept.id) == JobState.queued and store.active_count("A") == 1
+    assert 0 < store.r.ttl(job_key(lost.id)) <= 100
+    assert store.fail_unqueued(older_than_seconds=0) == []
 
 
 def test_cancel_queued_is_immediate_running_is_a_flag(store: JobStore) -> None:
@@ -63,9 +98,9 @@ def test_progress_ranges_and_finalize_claim(store: JobStore) -> None:
     assert rec is not None and rec.fraction == 3.0 / 5 and rec.samples_done == 2
     assert [store.mark_range_done(spec.id, s) for s, _ in spec.ranges()] == [1, 2, 3]
     assert store.mark_range_done(spec.id, 0) == 3  # a redelivered range counts once
-    assert store.claim_finalize(spec.id, 60) and not store.claim_finalize(spec.id, 60)
+    assert store.claim_finalize(spec.id, 60, "a") and not store.claim_finalize(spec.id, 60, "b")
     store.release_finalize(spec.id)
-    assert store.claim_finalize(spec.id, 60)
+    assert store.claim_finalize(spec.id, 60, "b")
 
 
 def test_owner_listing_and_active_count(store: JobStore) -> None:

@@ -41,7 +41,7 @@ def test_submit_enqueues_one_task_per_range(client: TestClient, store: JobStore)
     assert job["channels"] == ["t1ce"] and job["model"] == "tiny" and 0 <= job["seed"] < 2**63
     assert store.r.llen(QUEUE) == 1  # 5 samples, task_batch_size 8 → one range
     spec = store.get(job["id"]).spec  # type: ignore[union-attr]
-    assert spec.request == {"channels": "t1ce", "count": 5, "formats": ["nifti", "png"]}
+    assert spec.request == {"channels": "t1ce", "count": 5, "formats": ["nifti", "png"]}  # as sent
     assert (job["sampler"], job["steps"]) == ("dpm++", 20)  # no model card: the fast default
 
 
@@ -49,7 +49,7 @@ def test_error_answers(client: TestClient) -> None:
     assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 9}), 422, "limit of 8")
     assert_problem(client.post("/v1/jobs", json={"channels": "t1ce", "count": 0}), 422, "count:")
     assert_problem(client.post("/v1/jobs", json={"channels": "t1+t1ce+t2+flair+seg", "count": 1}), 422,
-                   "no installed model generates")  # fmt: skip
+                   "no available model generates")  # fmt: skip
     assert_problem(client.post("/v1/jobs", json={"model": "tiny", "count": 1, "steps": 2000}), 422, "1000")
     assert_problem(
         client.post("/v1/jobs", json={"channels": "t1ce", "count": 1, "x": 1}), 422, "x: unknown field"
@@ -89,3 +89,22 @@ def test_index_page_or_a_clear_404(client: TestClient) -> None:
     else:
         assert_problem(r, 404, "web page")
     assert_problem(client.get("/static/does-not-exist.js"), 404, "")
+
+
+def test_readyz_reports_an_unwritable_results_dir(tmp_path: Path, redis_url: str, store: JobStore) -> None:
+    """Workers write job files there; the check writes a probe file, so it needs no permissions
+    model (the tests may run as root): here the directory cannot exist, a file is in its way."""
+    write_model(tmp_path / "models", "tiny", "t1ce+seg")
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    store.heartbeat("w@h", {"hostname": "w@h", "models": []}, ttl_seconds=30)
+    for results, ready in ((tmp_path / "blocked" / "results", False), (tmp_path / "results", True)):
+        settings = Settings(redis_url=redis_url, models_dir=tmp_path / "models", results_dir=results,
+                            api_keys=KEY)  # type: ignore[arg-type]  # fmt: skip
+        with TestClient(create_app(settings)) as c:
+            r = c.get("/readyz")
+        if ready:
+            assert r.status_code == 200 and r.json()["checks"]["results_dir"] == "writable", r.text
+            assert not any(p.name.startswith(".readyz-") for p in results.iterdir())  # the probe is removed
+        else:
+            assert_problem(r, 503, "the results directory is not writable (Not a directory)")
+            assert str(tmp_path) not in r.text

@@ -21,6 +21,7 @@ from tests.conftest import build_tiny_checkpoint
 
 API_KEY = "integration-key-A"
 OTHER_KEY = "integration-key-B"
+CONTRACT_KEY = "integration-key-C"  # the schemathesis run's own key, so its jobs use no other key's slots
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -30,7 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     models = root / "models"
     build_tiny_checkpoint(models / "tiny")
     env = {
-        "SYNTHMRI_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "SYNTHMRI_API_KEYS": f"{API_KEY},{OTHER_KEY},{CONTRACT_KEY}",
         "SYNTHMRI_DEVICE": "cpu",
         "SYNTHMRI_TASK_BATCH_SIZE": "2",
         "SYNTHMRI_MAX_COUNT": "16",
@@ -38,6 +39,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         "SYNTHMRI_VISIBILITY_TIMEOUT_SECONDS": "8",
         "SYNTHMRI_UNACKED_RESTORE_INTERVAL_SECONDS": "1",
         "SYNTHMRI_PROGRESS_INTERVAL_SECONDS": "0.1",
+        "SYNTHMRI_LONG_POLL_MAX_SECONDS": "5",
     }
     with LocalStack(
         models_dir=models, results_dir=root / "results", workdir=root, api_key=API_KEY, env=env

@@ -142,7 +142,7 @@ def test_cancel_running_job_then_worker_serves_next(api: Api, results_dir: Path)
             break
         assert time.monotonic() < deadline, cur
         time.sleep(0.1)
-    r = api.http.delete(f"/v1/jobs/{job['id']}")
+    r = api.http.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"] is True
     done = api.wait(job["id"], timeout=60)
     assert done["state"] == "cancelled"
@@ -155,13 +155,34 @@ def test_cancel_running_job_then_worker_serves_next(api: Api, results_dir: Path)
 def test_cancel_queued_job_never_runs(api: Api, results_dir: Path) -> None:
     blocker = api.submit(channels="t1ce+seg", count=2, seed=1, sampler="ddpm", steps=300)
     queued = api.submit(**FAST, count=2, seed=9)
-    r = api.http.delete(f"/v1/jobs/{queued['id']}")
+    r = api.http.post(f"/v1/jobs/{queued['id']}/cancel")
     assert r.status_code == 202 and r.json()["state"] == "cancelled"
-    api.http.delete(f"/v1/jobs/{blocker['id']}")
+    api.http.post(f"/v1/jobs/{blocker['id']}/cancel")
     assert api.wait(blocker["id"])["state"] == "cancelled"
     api.run(**FAST, count=1, seed=4)  # the worker has passed the cancelled job's tasks
     assert api.http.get(f"/v1/jobs/{queued['id']}").json()["timings"]["started_at"] is None
     assert not (results_dir / queued["id"]).exists()
+
+
+def test_delete_forgets_a_job_and_its_files(api: Api, results_dir: Path) -> None:
+    done = api.run(**FAST, count=1, seed=13)
+    assert (results_dir / done["id"] / "archive.zip").is_file()
+    running = api.submit(channels="t1ce+seg", count=2, seed=1, sampler="ddpm", steps=1000)
+    r = api.http.delete(f"/v1/jobs/{done['id']}")
+    assert r.status_code == 202 and r.json()["state"] == "succeeded"
+    assert not (results_dir / done["id"]).exists()
+    r = api.http.delete(f"/v1/jobs/{running['id']}")
+    assert r.status_code == 202 and r.json()["state"] == "cancelled"
+    for job_id in (done["id"], running["id"]):
+        gone = api.http.get(f"/v1/jobs/{job_id}")
+        assert gone.status_code == 404 and gone.headers["content-type"] == "application/problem+json"
+        assert api.http.delete(f"/v1/jobs/{job_id}").status_code == 404
+    assert not {done["id"], running["id"]} & {j["id"] for j in api.http.get("/v1/jobs").json()["jobs"]}
+    assert api.run(**FAST, count=1, seed=14)["state"] == "succeeded"  # the worker moved on
+    deadline = time.monotonic() + 30
+    while (results_dir / running["id"]).exists():  # the stopped task removes what it wrote
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
 
 def test_keys_and_visibility(api: Api, other_api: Api, anon_api: Api) -> None:
@@ -172,6 +193,7 @@ def test_keys_and_visibility(api: Api, other_api: Api, anon_api: Api) -> None:
         r = anon_api.http.get(f"/v1/jobs/{job['id']}{path}")
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
     assert other_api.http.delete(f"/v1/jobs/{job['id']}").status_code == 404
+    assert other_api.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
     assert job["id"] not in [j["id"] for j in other_api.http.get("/v1/jobs").json()["jobs"]]
     assert job["id"] in [j["id"] for j in api.http.get("/v1/jobs").json()["jobs"]]
     bad = Api(api.stack, "not-a-key").http.get("/v1/jobs")
@@ -271,7 +293,7 @@ def test_active_job_limit_is_429(api: Api) -> None:
         assert "limit 3" in r.json()["detail"] and r.headers["retry-after"]
     finally:
         for j in jobs:
-            api.http.delete(f"/v1/jobs/{j['id']}")
+            api.http.post(f"/v1/jobs/{j['id']}/cancel")
         for j in jobs:
             assert api.wait(j["id"])["state"] == "cancelled"
 
