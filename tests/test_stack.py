@@ -170,11 +170,12 @@ def test_up_restarts_a_killed_worker_and_redis_and_loses_no_job(up: Up) -> None:
     import nibabel as nib
 
     headers = {"Authorization": f"Bearer {up.key}"}
-    request = {"channels": "t1ce+seg", "count": 2, "seed": 7, "sampler": "ddim", "steps": 80}
+    # The longest schedule (about 20 s here) so the worker is surely killed mid-job.
+    request = {"channels": "t1ce+seg", "count": 2, "seed": 7, "sampler": "ddim", "steps": 1000}
     with httpx.Client(base_url=up.url, headers=headers, timeout=30) as client:
 
-        def job(job_id: str) -> dict[str, Any]:
-            return dict(client.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json())
+        def job(job_id: str, wait: float = 5) -> dict[str, Any]:
+            return dict(client.get(f"/v1/jobs/{job_id}", params={"wait": wait}).json())
 
         def arrays(job_id: str) -> dict[str, np.ndarray]:
             """Sample arrays of the job's NIfTIs by `{index}_{channel}`."""
@@ -191,7 +192,8 @@ def test_up_restarts_a_killed_worker_and_redis_and_loses_no_job(up: Up) -> None:
         _wait_for("the reference job", lambda: job(reference)["state"] == "succeeded")
         disturbed = client.post("/v1/jobs", json=request).json()["id"]
         behind = client.post("/v1/jobs", json={**request, "seed": 8, "steps": 5}).json()["id"]
-        _wait_for("the job to run", lambda: job(disturbed)["progress"]["fraction"] > 0.05)
+        # Progress is no state change: a long poll would sleep through it, so these polls return at once.
+        _wait_for("the job to run", lambda: job(disturbed, wait=0)["progress"]["fraction"] > 0.05)
 
         worker = next(pid for pid, cmd in up.children().items() if "celery" in cmd)
         os.kill(worker, signal.SIGKILL)
@@ -200,8 +202,8 @@ def test_up_restarts_a_killed_worker_and_redis_and_loses_no_job(up: Up) -> None:
         new_worker = next(pid for pid, cmd in up.children().items() if "celery" in cmd)
         assert new_worker != worker
         # The killed task comes back after the visibility timeout and starts over: progress drops.
-        _wait_for("the job to run again", lambda: job(disturbed)["progress"]["fraction"] < 0.05)
-        _wait_for("the job to progress again", lambda: job(disturbed)["progress"]["fraction"] > 0.05)
+        _wait_for("the job to run again", lambda: job(disturbed, wait=0)["progress"]["fraction"] < 0.05)
+        _wait_for("the job to progress again", lambda: job(disturbed, wait=0)["progress"]["fraction"] > 0.05)
 
         redis_pid = next(pid for pid, cmd in up.children().items() if "redis" in cmd)
         os.kill(redis_pid, signal.SIGKILL)
