@@ -31,7 +31,7 @@ DEMO_MODEL = ROOT / "models" / "demo"
 # The docs screenshot shows the real demo model; the default run uses the tiny test model.
 UPDATE_DOCS = os.environ.get("SYNTHMRI_UPDATE_DOCS") == "1" and (DEMO_MODEL / "model.safetensors").is_file()
 FORM = (
-    {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "ddpm", "steps": "250"}
+    {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "", "steps": ""}
     if UPDATE_DOCS
     else {"channels": "t1ce+seg", "count": "3", "seed": "7", "sampler": "ddim", "steps": "3"}
 )
@@ -135,8 +135,14 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
 
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
-    sent = (int(FORM["count"]), int(FORM["seed"]), FORM["sampler"], int(FORM["steps"]))
-    assert (job["count"], job["seed"], job["sampler"], job["steps"]) == sent
+    if FORM["sampler"]:
+        sampling = (FORM["sampler"], int(FORM["steps"]))
+    else:  # "recommended": the server applies the model card
+        models = httpx.get(f"{stack.url}/v1/models", headers=headers, timeout=30).json()["models"]
+        card = next(m for m in models if m["channel_set"] == FORM["channels"])["recommended"]
+        sampling = (card["sampler"], card["steps"])
+    asked = (int(FORM["count"]), int(FORM["seed"]), *sampling)
+    assert (job["count"], job["seed"], job["sampler"], job["steps"]) == asked
     assert "+".join(job["channels"]) == FORM["channels"]
     grid_png = httpx.get(f"{stack.url}/v1/jobs/{job_id}/grid.png", headers=headers, timeout=30).content
     grid = Image.open(io.BytesIO(grid_png))
