@@ -101,6 +101,11 @@ def test_localstack_respawn_keeps_port_log_and_data(tmp_path: Path) -> None:
         client.rpush("synthmri", "task")
         first = stack.redis
         assert first is not None
+        # On a busy disk Redis may hold the append-only buffer back while an fsync runs (up to 2 s).
+        deadline = time.monotonic() + 10
+        while (info := client.info("persistence"))["aof_buffer_length"] or info["aof_pending_bio_fsync"]:
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
         stack.restart_redis()
         assert stack.redis is not first and stack.redis.log == first.log
         assert client.get("accepted") == b"job" and client.lrange("synthmri", 0, -1) == [b"task"]
