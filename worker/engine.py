@@ -1,9 +1,9 @@
 """The work behind the Celery tasks: sample an index range into files, then finalise the job.
 
-Files of a job live in `{results_dir}/{job_id}/`. A sample counts as complete when its
-`.parts/{i:04d}.npz` (kept channels, decoded and raw) exists; it is written last, after the
-NIfTI/PNG files, and every file is renamed into place, so a redelivered task skips
-finished samples and never sees half a file.
+Files of a job live in `{results_dir}/{job_id}/` (names: synthmri.outputs.layout). A sample
+counts as complete when its part file (kept channels, decoded and raw) exists; it is written
+last, after the NIfTI/PNG files, and every file is renamed into place, so a redelivered task
+skips finished samples and never sees half a file.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from synthmri import __version__
+from synthmri.atomic import atomic_write
 from synthmri.contract import JobSpec, JobState, Manifest
 from synthmri.jobstore import STORE_ERRORS, JobStore
+from synthmri.outputs.layout import PARTS_DIR, RunNames, part_path, sample_files, write_expiry
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
 from worker.outage import BestEffort, worker_stopping
@@ -30,14 +32,6 @@ if TYPE_CHECKING:
     from model.checkpoint import LoadedCheckpoint
 
 log = logging.getLogger("synthmri.worker")
-
-PARTS = ".parts"
-EXPIRES_FILE = ".expires"
-GRID = "grid.png"
-MANIFEST = "manifest.json"
-ARCHIVE = "archive.zip"
-NPZ = "samples.npz"
-
 
 class JobError(RuntimeError):
     """A job that cannot run (the message is shown to the client)."""
@@ -79,27 +73,13 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return Path(settings.results_dir) / job_id
 
 
-def part_path(directory: Path, index: int) -> Path:
-    return directory / PARTS / f"{index:04d}.npz"
-
-
-def sample_files(spec: JobSpec, index: int) -> list[str]:
+def job_sample_files(spec: JobSpec, index: int) -> list[str]:
     """The per-sample output names of sample `index` (relative to the job directory)."""
-    from worker.writers import sample_filename
-
-    exts = [e for f, e in (("nifti", "nii.gz"), ("png", "png")) if f in spec.formats]
-    return [sample_filename(spec.id, index, c, ext) for c in spec.channels for ext in exts]
+    return sample_files(spec.id, index, spec.channels, spec.formats)
 
 
 def missing_indices(spec: JobSpec, directory: Path, start: int, stop: int) -> list[int]:
     return [i for i in range(start, stop) if not part_path(directory, i).exists()]
-
-
-def remove_range(spec: JobSpec, directory: Path, start: int, stop: int) -> None:
-    for i in range(start, stop):
-        for name in sample_files(spec, i):
-            (directory / name).unlink(missing_ok=True)
-        part_path(directory, i).unlink(missing_ok=True)
 
 
 def sample_range(
@@ -114,7 +94,7 @@ def sample_range(
 ) -> int:
     """Generate and write samples [start, stop) that are not yet complete; returns how many."""
     from model.generate import decode_sample, generate
-    from worker.writers import atomic_write_bytes, sample_filename, write_nifti, write_png
+    from synthmri.outputs import writers
 
     todo = missing_indices(spec, directory, start, stop)
     if not todo:
@@ -139,18 +119,14 @@ def sample_range(
         precision=sampling_precision(settings.precision, device),
     )
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
-    (directory / PARTS).mkdir(parents=True, exist_ok=True)
+    (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(todo):
         decoded = decode_sample(x[k], ckpt.config)
         kept = {c: decoded[c] for c in spec.channels}
-        for c, img in kept.items():
-            if "nifti" in spec.formats:
-                write_nifti(directory / sample_filename(spec.id, i, c, "nii.gz"), img, c)
-            if "png" in spec.formats:
-                write_png(directory / sample_filename(spec.id, i, c, "png"), img, c)
+        writers.write_sample(directory, spec.id, i, kept, spec.formats)
         buf = io.BytesIO()
         np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
-        atomic_write_bytes(part_path(directory, i), buf.getvalue())
+        atomic_write(part_path(directory, i), buf.getvalue())
     return len(todo)
 
 
@@ -170,28 +146,20 @@ def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoi
 
 def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
     """Grid, npz, manifest and zip from the complete samples (idempotent: same inputs, same bytes)."""
-    from worker.writers import (
-        MANIFEST_FORMAT,
-        make_manifest,
-        write_grid,
-        write_manifest,
-        write_npz,
-        write_zip,
-    )
+    from synthmri.outputs.writers import make_manifest, write_manifest_and_archive, write_run_summary
 
     t0 = time.time()
     device = resolve_device(settings.device)
+    names = RunNames.job(spec.id)
     samples, raw = [], []
     for i in range(spec.count):
         with np.load(part_path(directory, i)) as part:
             samples.append({c: part[c] for c in spec.channels})
             raw.append(part["raw"])
-    write_grid(directory / GRID, samples, spec.channels, row_labels=[f"{i:04d}" for i in range(spec.count)])
-    files = [name for i in range(spec.count) for name in sample_files(spec, i)]
-    if "npz" in spec.formats:
-        write_npz(directory / NPZ, np.stack(raw))
-        files.append(NPZ)
-    files.append(GRID)
+    indices = list(range(spec.count))
+    files = [name for i in indices for name in job_sample_files(spec, i)]
+    npz = np.stack(raw) if "npz" in spec.formats else None
+    files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz)
     timings = {"created_at": spec.created_at, "finalized_at": t0}
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
@@ -206,7 +174,7 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
             channel_set=spec.channel_set,
             channels=spec.channels,
             image_size=spec.image_size,
-            indices=list(range(spec.count)),
+            indices=indices,
             files=files,
             timings=timings,
             version=__version__,
@@ -217,10 +185,8 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
             precision=sampling_precision(settings.precision, device),
         )
     )
-    assert manifest.format == MANIFEST_FORMAT
-    write_manifest(directory / MANIFEST, manifest.model_dump(mode="json"))
-    write_zip(directory / ARCHIVE, [*files, MANIFEST], directory)
-    (directory / EXPIRES_FILE).write_text(str(time.time() + settings.result_ttl_seconds))
+    write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json"))
+    write_expiry(directory, time.time() + settings.result_ttl_seconds)
     return manifest
 
 

@@ -1,7 +1,8 @@
 """`synthmri sample`: sample a checkpoint locally into NIfTI, PNG, grid, manifest (and .npz), zipped.
 
-Uses the same `model.generate.generate` and `worker.writers` as the service worker, so
-a local run with the same seed gives the same samples as a job.
+Uses the same `model.generate.generate` and `synthmri.outputs` as the service worker, so
+a local run with the same seed gives the same samples, in the same files, as a job; only
+the prefix, npz and zip are named after `--name` (see `RunNames.local`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main(argv: Sequence[str]) -> int:
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.generate import decode_sample, generate, resolve_steps
     from model.inference import resolved_precision_name
-    from worker import writers
+    from synthmri.outputs import writers
+    from synthmri.outputs.layout import RunNames
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but no CUDA device is available (use --device cpu)")
@@ -117,18 +119,15 @@ def main(argv: Sequence[str]) -> int:
     t2 = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    names = RunNames.local(args.name)
     cfg = ckpt.config
     decoded = [decode_sample(s, cfg) for s in x]
-    files: list[Path] = []
-    for i, sample in zip(indices, decoded, strict=True):
-        files += writers.write_sample(out, args.name, i, sample)
-    files.append(out / "grid.png")
-    writers.write_grid(files[-1], decoded, cfg.channels, row_labels=[f"{i:04d}" for i in indices])
-    if args.npz:
-        files.append(writers.write_npz(out / f"{args.name}.npz", x))
+    files = [p.name for i, sample in zip(indices, decoded, strict=True)
+             for p in writers.write_sample(out, names.prefix, i, sample)]  # fmt: skip
+    raw = x if args.npz else None
+    files += writers.write_run_summary(out, names, decoded, indices, cfg.channels, raw=raw)
     t_write = time.perf_counter() - t2
 
-    zip_path = out / f"{args.name}.zip"
     manifest = writers.make_manifest(
         seed=args.seed,
         sampler=args.sampler,
@@ -139,7 +138,7 @@ def main(argv: Sequence[str]) -> int:
         channels=cfg.channels,
         image_size=cfg.image_size,
         indices=indices,
-        files=[f.name for f in files] + [zip_path.name],
+        files=[*files, names.archive],
         timings={
             "load_s": t_load,
             "sample_s": t_sample,
@@ -159,8 +158,7 @@ def main(argv: Sequence[str]) -> int:
             "name": args.name,
         },
     )
-    files.append(writers.write_manifest(out / "manifest.json", manifest))
-    writers.write_zip(zip_path, files, root=out)
+    writers.write_manifest_and_archive(out, names, files, manifest)
     print(
         f"wrote {args.count} sample(s) × {len(cfg.channels)} channel(s) to {out} "
         f"({args.sampler}, {steps} steps, {t_sample:.1f} s sampling)"

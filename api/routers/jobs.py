@@ -37,6 +37,14 @@ from synthmri.contract import (
     new_seed,
 )
 from synthmri.jobstore import STORE_ERRORS, JobRecord
+from synthmri.outputs.layout import (
+    EXTENSION_FORMATS,
+    GRID,
+    JOB_ARCHIVE,
+    MANIFEST,
+    MEDIA_TYPES,
+    sample_filename,
+)
 from synthmri.registry import RegistryError, resolve_model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -44,9 +52,6 @@ log = logging.getLogger("synthmri.api")
 
 JobId = Annotated[str, PathParam(description="The job id returned by POST /v1/jobs", max_length=64)]
 
-# File names inside a job directory (written by worker.engine; the API never imports it).
-GRID, MANIFEST, ARCHIVE = "grid.png", "manifest.json", "archive.zip"
-EXTENSIONS = {"nii.gz": ("nifti", "application/gzip"), "png": ("png", "image/png")}
 
 
 class JobList(BaseModel):
@@ -61,7 +66,7 @@ def _links(request: Request, services: ServicesDep, job_id: str, state: JobState
         links.update(
             grid=f"{base}{path}/{GRID}",
             manifest=f"{base}{path}/{MANIFEST}",
-            archive=f"{base}{path}/{ARCHIVE}",
+            archive=f"{base}{path}/{JOB_ARCHIVE}",
             samples=f"{base}{path}/samples/{{index}}/{{channel}}.{{ext}}",
         )
     return links
@@ -293,7 +298,7 @@ async def get_manifest(job_id: JobId, services: ServicesDep, owner: OwnerDep) ->
 @router.get("/{job_id}/archive.zip", response_class=FileResponse, summary="Everything as one zip",
             responses=_file("application/zip", "Every file of the job"))  # fmt: skip
 async def get_archive(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = await _result_file(services, await own_job(services, owner, job_id), ARCHIVE)
+    path = await _result_file(services, await own_job(services, owner, job_id), JOB_ARCHIVE)
     return FileResponse(path, media_type="application/zip", filename=f"synthmri_{job_id}.zip")
 
 
@@ -306,12 +311,12 @@ async def _sample(
         raise Problem(404, f"job {job_id} has samples 0..{spec.count - 1}; there is no sample {index}")
     if channel not in spec.channels:
         raise Problem(404, f"job {job_id} has channels {', '.join(spec.channels)}; not {clip(channel)}")
-    fmt, media = EXTENSIONS[ext]
+    fmt = EXTENSION_FORMATS[ext]
     if fmt not in spec.formats:
         raise Problem(404, f"job {job_id} did not request {fmt} output (formats: {', '.join(spec.formats)})")
     # Every piece of the name was checked against the job's own spec above.
-    path = await _result_file(services, rec, f"{spec.id}_{index:04d}_{channel}.{ext}")
-    return FileResponse(path, media_type=media, filename=path.name)
+    path = await _result_file(services, rec, sample_filename(spec.id, index, channel, ext))
+    return FileResponse(path, media_type=MEDIA_TYPES[ext], filename=path.name)
 
 
 SampleIndex = Annotated[int, PathParam(ge=0, description="Sample index, 0..count-1")]

@@ -1,4 +1,4 @@
-"""Writers: NIfTI pixels/dtype/affine/labels, PNG orientation, grid overlay, npz layout, atomicity."""
+"""Output writers: NIfTI pixels/dtype/affine/labels, PNG orientation, grid overlay, npz layout, atomicity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker import writers
+from synthmri.atomic import atomic_write
+from synthmri.outputs import writers
 
 
 def _sample(size: int = 32, shift: int = 0) -> dict[str, np.ndarray]:
@@ -178,7 +179,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        writers.atomic_write(target, crash)
+        atomic_write(target, crash)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left behind
 
