@@ -187,3 +187,23 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
 def test_nifti_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="expected a 2-D slice"):
         writers.nifti_bytes(np.zeros((2, 4, 4), np.float32), "t1ce")
+
+
+def test_writers_name_files_as_the_layout_says(tmp_path: Path) -> None:
+    """The API serves the names `layout` gives; the writers must write exactly those."""
+    from synthmri.outputs.layout import sample_files
+
+    for formats in (["nifti"], ["png"], ["nifti", "png"]):
+        out = tmp_path / "+".join(formats)
+        out.mkdir()
+        written = writers.write_sample(out, "job", 3, _sample(), formats)
+        assert [p.name for p in written] == sample_files("job", 3, ["t1ce", "seg"], formats)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+
+
+def test_expiry_marker_round_trip(tmp_path: Path) -> None:
+    from synthmri.outputs.layout import read_expiry, write_expiry
+
+    assert read_expiry(tmp_path) is None  # not finalised: no marker
+    write_expiry(tmp_path, 1234.5)
+    assert read_expiry(tmp_path) == 1234.5

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synthmri.worker")
 
+# JobSpec fields that go into the manifest under the same key.
+MANIFEST_SPEC_FIELDS = {"model", "channel_set", "channels", "image_size", "seed", "sampler", "steps",
+                        "request", "formats"}  # fmt: skip
+
+
 class JobError(RuntimeError):
     """A job that cannot run (the message is shown to the client)."""
 
@@ -164,27 +169,15 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
                        run_seconds=t0 - started_at)  # fmt: skip
+    # The manifest repeats what the spec fixed about the samples, plus what only the worker knows.
+    from_spec = spec.model_dump(mode="json", include=MANIFEST_SPEC_FIELDS)
     manifest = Manifest.model_validate(
         make_manifest(
-            seed=spec.seed,
-            sampler=spec.sampler,
-            steps=spec.steps,
-            sha256=spec.model_sha256,
-            model=spec.model,
-            channel_set=spec.channel_set,
-            channels=spec.channels,
-            image_size=spec.image_size,
-            indices=indices,
-            files=files,
-            timings=timings,
-            version=__version__,
-            job_id=spec.id,
-            request=spec.request,
-            formats=spec.formats,
-            device=device,
+            **from_spec, sha256=spec.model_sha256, job_id=spec.id, indices=indices, files=files,
+            timings=timings, version=__version__, device=device,
             precision=sampling_precision(settings.precision, device),
         )
-    )
+    )  # fmt: skip
     write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json"))
     write_expiry(directory, time.time() + settings.result_ttl_seconds)
     return manifest
