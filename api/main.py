@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     services = Services(settings, store, TaskQueue(settings), FaultView(store), ModelsView(settings))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await services.models.scan()
         yield
         await services.store.close()

@@ -205,7 +205,7 @@ class JobView(BaseModel):
 class Manifest(BaseModel):
     """manifest.json: everything needed to reproduce and audit a job's outputs.
 
-    The keys shared with `synthmri sample` (worker.writers.make_manifest) come first;
+    The keys shared with `synthmri sample` (synthmri.outputs.writers.make_manifest) come first;
     the service adds the job id, the request as sent, the formats and the device.
     """
 

@@ -313,3 +313,46 @@ def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
     assert ci[-1] == "./quickstart test", ".ci/run must end by running command 2 exactly"
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
         assert (ROOT / picture).is_file(), f"README.md shows {picture}, which is not in the repo"
+
+
+# Package → packages it must never import (ARCHITECTURE.md, "Packages"): code that two
+# packages need lives in the lower one, so worker and training never import each other,
+# and the torch-free core imports none of the packages built on it.
+FORBIDDEN_IMPORTS = {
+    "worker": {"training", "api"},
+    "training": {"worker", "api"},
+    "model": {"worker", "training", "api"},
+    "synthmri": {"model", "worker", "training", "api", "torch", "fastapi"},
+    "api": {"model", "worker", "training", "torch"},
+}
+
+
+def forbidden_imports(root: Path, forbidden: dict[str, set[str]]) -> list[str]:
+    """`file imports module` for every import, at any depth of a file, that `forbidden` rules out."""
+    found = []
+    for package, banned in forbidden.items():
+        for path in sorted((root / package).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for imported in sorted(_imports_of(path, module)):
+                if imported.split(".")[0] in banned:
+                    found.append(f"{path.relative_to(root)} imports {imported}")
+    return found
+
+
+def test_packages_import_only_downwards() -> None:
+    assert forbidden_imports(ROOT, FORBIDDEN_IMPORTS) == []
+
+
+def test_forbidden_imports_are_found_inside_functions(tmp_path: Path) -> None:
+    """The check above would pass vacuously if it missed imports; here it must find both kinds."""
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "plots.py").write_text(
+        "from synthmri.outputs import writers\n\ndef grid():\n    from worker.writers import write_grid\n"
+    )
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "worker" / "engine.py").write_text("import training.train as t\n")
+    assert forbidden_imports(tmp_path, {"training": {"worker"}, "worker": {"training"}}) == [
+        "training/plots.py imports worker.writers",
+        "training/plots.py imports worker.writers.write_grid",
+        "worker/engine.py imports training.train",
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +10,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+from synthmri.atomic import atomic_write
 from training.metrics import read_metrics
 
 
@@ -55,10 +55,8 @@ def write_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str 
     axes[-1].set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 def _quick_panels(quick: list[dict[str, Any]], ax_x0: Axes, ax_fig: Axes) -> None:
@@ -91,7 +89,7 @@ def write_sample_grid(
     """Sample the checkpoint just written (EMA weights) and save rows=samples, columns=channels."""
     from model.checkpoint import load_checkpoint
     from model.generate import decode_sample, generate
-    from worker.writers import write_grid
+    from synthmri.outputs.writers import write_grid
 
     ckpt = load_checkpoint(ckpt_dir)
     x = generate(ckpt, seed=seed, indices=range(count), sampler=sampler, steps=steps, batch_size=count)

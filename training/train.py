@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +55,7 @@ from training.schedule import get_lr
 
 TRAIN_STATE = "train_state.pt"
 TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
 VAL_SEED_OFFSET = 0x5EED  # validation noise stream, disjoint from the training one
 
 
@@ -158,10 +159,10 @@ def accumulate_gradients(
 # Helpers for the loop.
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The autocast precision, chosen as for sampling (`auto`: bf16 on GPUs that have it and on
-    CPUs with bf16 dot products — 1.9× fp32 for the 121 M issue config on Zen 5 — else fp16 on
-    older GPUs, fp32 on other CPUs)."""
+def autocast_precision(device: torch.device, precision: str) -> str:
+    """The precision name training autocasts to, chosen as for sampling (`auto`: bf16 on GPUs
+    that have it and on CPUs with bf16 dot products — 1.9× fp32 for the 121 M issue config on
+    Zen 5 — else fp16 on older GPUs, fp32 on other CPUs)."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
     return resolved_precision_name(device, precision)
@@ -203,7 +204,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where this torch build supports it."""
     try:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -235,6 +236,187 @@ def load_datasets(cfg: TrainConfig, is_master: bool, ddp: bool) -> tuple[Dataset
 
 
 # ---------------------------------------------------------------------------
+# The run: what the loop, validation, checkpoints and sample figures share.
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the torchrun world, and its device."""
+
+    ddp: bool
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.ddp:
+            dist.barrier()
+
+
+@dataclass
+class Run:
+    """The state of one training run (the same on every rank, bar `quick_val`)."""
+
+    cfg: TrainConfig
+    ranks: Ranks
+    out: Path
+    precision: str
+    channels_last: bool
+    raw_model: nn.Module  # the weights the optimiser updates
+    model: nn.Module  # raw_model, compiled and/or DDP-wrapped: what the forward pass calls
+    diffusion: GaussianDiffusion
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    sampler: GlobalBatchSampler
+    val_ds: Dataset[Any]
+    fingerprint: str
+    extra_provenance: dict[str, Any]
+    metrics: MetricsLog
+    start_step: int = 0
+    code_version: str = ""
+    quick_val: tuple[torch.Tensor, dict[str, float]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        m = self.cfg.model_preset.model
+        return m.in_channels, m.image_size, m.image_size
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.diffusion.num_timesteps)
+
+    @property
+    def micro_batch(self) -> int:
+        return min(self.cfg.micro_batch, self.cfg.global_batch // self.ranks.world_size)
+
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # Losses (the VB term especially) are computed in fp32 whatever the autocast dtype.
+        return self.model(x.contiguous(memory_format=memory_format), t).float()
+
+    def ema_fn(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.ema.model(x, t).float()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=amp_dtype)
+
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.ranks.ddp:
+            return contextlib.nullcontext()
+        return cast(nn.parallel.DistributedDataParallel, self.model).no_sync()
+
+
+def ranks_from_environment(cfg: TrainConfig) -> Ranks:
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process without them) and the device."""
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ddp else 0
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    return Ranks(ddp=ddp, rank=int(os.environ.get("RANK", "0")) if ddp else 0,
+                 world_size=int(os.environ.get("WORLD_SIZE", "1")) if ddp else 1,
+                 device=torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))  # fmt: skip
+
+
+def start_run(cfg: TrainConfig, ranks: Ranks, datasets: tuple[Dataset[Any], Dataset[Any], str] | None,
+              extra_provenance: dict[str, Any]) -> tuple[Run, DataLoader[Any]]:
+    """Data, model, diffusion, EMA and optimiser (the same init on every rank), resumed when asked."""
+    cfg.validate(ranks.world_size)
+    precision = autocast_precision(ranks.device, cfg.precision)
+    if ranks.device.type == "cpu":
+        retain_freed_memory()
+    if not (cfg.out or cfg.resume):
+        raise ConfigError("--out is required")
+    train_ds, val_ds, fingerprint = datasets or load_datasets(cfg, ranks.is_master, ranks.ddp)
+    torch.manual_seed(cfg.seed)
+    channels_last = resolve_channels_last(cfg.channels_last, precision)
+    raw_model = UNetModel(cfg.model_preset.model).to(ranks.device)
+    if channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    sampler = GlobalBatchSampler(len(train_ds), cfg.global_batch, ranks.rank,  # type: ignore[arg-type]
+                                 ranks.world_size, cfg.seed, start_step=0)  # fmt: skip
+    out = Path(cfg.out or cfg.resume)
+    run = Run(cfg=cfg, ranks=ranks, out=out, precision=precision, channels_last=channels_last,
+              raw_model=raw_model, model=raw_model,
+              diffusion=GaussianDiffusion.from_config(cfg.model_preset.diffusion),
+              ema=EMA(raw_model, cfg.ema_decay, warmup=cfg.ema_warmup),
+              optimizer=make_optimizer(list(raw_model.parameters()), cfg),
+              scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+              sampler=sampler, val_ds=val_ds, fingerprint=fingerprint, extra_provenance=extra_provenance,
+              metrics=MetricsLog(out / METRICS))  # fmt: skip
+    saved = resume_run(run) if cfg.resume else None
+    sampler.start_step = run.start_step
+    if cfg.compile:
+        run.model = torch.compile(run.model)  # type: ignore[assignment]
+    if ranks.ddp:
+        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
+    # Per-rank streams for anything outside the per-sample noise (dropout, workers).
+    torch.manual_seed(cfg.seed + 1 + ranks.rank)
+    random.seed(cfg.seed + 1 + ranks.rank)
+    np.random.seed((cfg.seed + 1 + ranks.rank) % 2**32)
+    if saved is not None and len(saved.get("rng", [])) == ranks.world_size:
+        set_rng_state(saved["rng"][ranks.rank])
+    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=ranks.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    if ranks.is_master:
+        open_run_directory(run, len(train_ds))  # type: ignore[arg-type]
+        if cfg.val_samples > 0:
+            run.quick_val = quick_validation_set(val_ds, cfg, ranks.device)
+    return run, loader
+
+
+def resume_run(run: Run) -> dict[str, Any]:
+    """Load train_state.pt into the run (weights, optimiser, EMA, scaler, step); returns the state."""
+    state_path = Path(run.cfg.resume) / TRAIN_STATE
+    if not state_path.is_file():
+        raise ConfigError(f"cannot resume: {state_path} does not exist")
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.ema.load_state_dict(state["ema"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.start_step = int(state["step"])
+    # Provenance given to the first run (e.g. how the demo's phantoms were made) outlives resumes.
+    run.extra_provenance = {**state.get("extra_provenance", {}), **run.extra_provenance}
+    if run.ranks.is_master and state.get("data_fingerprint") != run.fingerprint:
+        print(f"warning: resuming on different data (fingerprint {run.fingerprint[:12]} vs "
+              f"{str(state.get('data_fingerprint'))[:12]})", file=sys.stderr)
+    return state
+
+
+def open_run_directory(run: Run, n_train: int) -> None:
+    """The master's share of starting: run directory, saved config, metrics log, banner."""
+    cfg, ranks = run.cfg, run.ranks
+    run.code_version = code_version()
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    run.metrics.truncate_after(run.start_step)
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    m = cfg.model_preset.model
+    print(f"training {cfg.model_preset.name} ({cfg.channel_set}, {m.image_size}², "
+          f"{n_params / 1e6:.2f} M params) on {n_train} slices, world {ranks.world_size}, "
+          f"global batch {cfg.global_batch} = {ranks.world_size}×{cfg.global_batch // ranks.world_size} "
+          f"in micro-batches of {run.micro_batch}, {run.precision}"
+          f"{' channels_last' if run.channels_last else ''}, {run.device.type}, "
+          f"steps {run.start_step}→{cfg.steps}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
 
 
 def train(
@@ -247,279 +429,234 @@ def train(
     `datasets` = (train, val, fingerprint) replaces loading `cfg.data`; `extra_provenance`
     is merged into the checkpoint's provenance (e.g. how the demo's phantoms were made).
     """
-    # -- torchrun environment → one is_master flag → device ------------------
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = int(os.environ.get("RANK", "0")) if ddp else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if ddp else 0
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if ddp else 1
-    is_master = rank == 0
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    ranks = ranks_from_environment(cfg)
+    if ranks.device.type == "cuda":
+        torch.cuda.set_device(ranks.device)
+    if ranks.ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if ranks.device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, datasets, ddp, rank, world_size, is_master, device, extra_provenance or {})
+        run, loader = start_run(cfg, ranks, datasets, extra_provenance or {})
+        return train_loop(run, loader)
     finally:
-        if ddp and dist.is_initialized():
+        if ranks.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, datasets: tuple[Dataset[Any], Dataset[Any], str] | None, ddp: bool, rank: int,
-           world_size: int, is_master: bool, device: torch.device,
-           extra_provenance: dict[str, Any]) -> dict[str, Any]:
-    cfg.validate(world_size)
-    precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu":
-        retain_freed_memory()
-    if not (cfg.out or cfg.resume):
-        raise ConfigError("--out is required")
-    out = Path(cfg.out or cfg.resume)
-    preset = cfg.model_preset
-    per_rank = cfg.global_batch // world_size
-    micro = min(cfg.micro_batch, per_rank)
-
-    # -- data -----------------------------------------------------------------
-    train_ds, val_ds, fingerprint = datasets if datasets is not None else load_datasets(cfg, is_master, ddp)
-    n_train = len(train_ds)  # type: ignore[arg-type]
-
-    # -- model, diffusion, EMA, optimiser (same init on every rank) ------------
-    torch.manual_seed(cfg.seed)
-    raw_model: nn.Module = UNetModel(preset.model).to(device)
-    channels_last = resolve_channels_last(cfg.channels_last, precision)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    raw_model = raw_model.to(memory_format=memory_format)  # type: ignore[call-overload]
-    diffusion = GaussianDiffusion.from_config(preset.diffusion)
-    ema = EMA(raw_model, cfg.ema_decay, warmup=cfg.ema_warmup)
-    optimizer = make_optimizer(list(raw_model.parameters()), cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    start_step = 0
-    resume_state: dict[str, Any] | None = None
-    if cfg.resume:
-        state_path = Path(cfg.resume) / TRAIN_STATE
-        if not state_path.is_file():
-            raise ConfigError(f"cannot resume: {state_path} does not exist")
-        resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
-        raw_model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        ema.load_state_dict(resume_state["ema"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        start_step = int(resume_state["step"])
-        # Provenance given to the first run (e.g. how the demo's phantoms were made) outlives resumes.
-        extra_provenance = {**resume_state.get("extra_provenance", {}), **extra_provenance}
-        if is_master and resume_state.get("data_fingerprint") != fingerprint:
-            print(f"warning: resuming on different data (fingerprint {fingerprint[:12]} vs "
-                  f"{str(resume_state.get('data_fingerprint'))[:12]})", file=sys.stderr)
-    model: nn.Module = raw_model
-    if cfg.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-    if ddp:
-        device_ids = [device.index] if _is_cuda(device) else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    # Per-rank streams for anything outside the per-sample noise (dropout, workers).
-    torch.manual_seed(cfg.seed + 1 + rank)
-    random.seed(cfg.seed + 1 + rank)
-    np.random.seed((cfg.seed + 1 + rank) % 2**32)
-    if resume_state is not None and len(resume_state.get("rng", [])) == world_size:
-        set_rng_state(resume_state["rng"][rank])
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # Losses (the VB term especially) are computed in fp32 whatever the autocast dtype.
-        return model(x.contiguous(memory_format=memory_format), t).float()
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    def no_sync() -> contextlib.AbstractContextManager[Any]:
-        return cast(nn.parallel.DistributedDataParallel, model).no_sync() if ddp else contextlib.nullcontext()
-
-    sampler = GlobalBatchSampler(n_train, cfg.global_batch, rank, world_size, cfg.seed, start_step)
-    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=_is_cuda(device), persistent_workers=cfg.num_workers > 0)
-    sample_shape = (preset.model.in_channels, preset.model.image_size, preset.model.image_size)
-    num_timesteps = int(diffusion.num_timesteps)
-
-    # -- run directory, logs --------------------------------------------------
-    metrics = MetricsLog(out / "metrics.jsonl")
-    version = code_version() if is_master else ""
-    if is_master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-        metrics.truncate_after(start_step)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"training {preset.name} ({cfg.channel_set}, {preset.model.image_size}², "
-              f"{n_params / 1e6:.2f} M params) on {n_train} slices, world {world_size}, "
-              f"global batch {cfg.global_batch} = "
-              f"{world_size}×{per_rank} in micro-batches of {micro}, {precision}"
-              f"{' channels_last' if channels_last else ''}, {device.type}, "
-              f"steps {start_step}→{cfg.steps}", file=sys.stderr)
-
-    @torch.no_grad()
-    def validation_loss() -> float | None:
-        """Hybrid loss of the EMA model on a fixed part of the validation set with fixed noise."""
-        n_val = min(len(val_ds), cfg.val_batches * cfg.global_batch)  # type: ignore[arg-type]
-        if n_val == 0:
-            return None
-        total = torch.zeros(2, device=device)
-        for i in range(rank, n_val, world_size):
-            x = torch.as_tensor(val_ds[i]).unsqueeze(0).to(device)
-            t, noise = draw_t_noise([i], sample_shape, num_timesteps, cfg.seed + VAL_SEED_OFFSET)
-            with autocast():
-                losses = diffusion.training_losses(lambda a, b: ema.model(a, b).float(), x, t.to(device),
-                                                   noise=noise.to(device))
-            total += torch.stack([losses["loss"].float().sum(), torch.ones((), device=device)])
-        if ddp:
-            dist.all_reduce(total)
-        return float(total[0] / total[1])
-
-    quick_val = quick_validation_set(val_ds, cfg, device) if is_master and cfg.val_samples > 0 else None
-
-    def checkpoint(step: int, last_loss: float | None, elapsed: float, final: bool) -> str | None:
-        """Registry checkpoint (EMA) + train_state.pt + loss curve; sample grid when due."""
-        rngs = [rng_state()]
-        if ddp:
-            rngs = [None] * world_size  # type: ignore[list-item]
-            dist.all_gather_object(rngs, rng_state())
-        val = validation_loss()
-        sha = None
-        if is_master:
-            provenance = {
-                "steps": step,
-                "images_seen": step * cfg.global_batch,
-                "data_fingerprint": fingerprint,
-                "data_position": sampler.position(step),
-                "code_version": version,
-                "torch_version": torch.__version__,
-                "world_size": world_size,
-                "device": device.type,
-                "precision": precision,
-                "channels_last": channels_last,
-                "train_seconds": round(elapsed, 1),
-                "final_loss": last_loss,
-                "val_loss": val,
-                "recipe": recipe_provenance(cfg),
-                "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                **extra_provenance,
-            }
-            config = CheckpointConfig(
-                name=out.resolve().name, channel_set=cfg.channel_set, model=preset.model,
-                diffusion=preset.diffusion, normalisation=Normalisation(method=cfg.mode),
-                provenance=provenance,
-            )
-            sha = save_checkpoint(out, {k: v.detach().cpu().contiguous() for k, v in
-                                        ema.model.state_dict().items()}, config)
-            state = {
-                "step": step, "config": cfg.to_dict(), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rngs, "data_position": sampler.position(step), "data_fingerprint": fingerprint,
-                "world_size": world_size, "extra_provenance": extra_provenance,
-            }
-            atomic_write(out / TRAIN_STATE, lambda path: torch.save(state, path))
-            if val is not None:
-                metrics.write({"kind": "val", "step": step, "val_loss": val})
-            if quick_val is not None:
-                from training.evaluation.quick import quick_record
-
-                with autocast():
-                    record = quick_record(lambda a, b: ema.model(a, b).float(), diffusion,
-                                          channels_of(preset.channel_set), quick_val[0], quick_val[1],
-                                          count=cfg.val_samples,
-                                          sampler=cfg.sample_sampler, steps=cfg.sample_steps, seed=cfg.seed)
-                metrics.write({"kind": "eval", "step": step, **record})
-            from training.plots import write_loss_curve
-
-            write_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
-                             title=f"{out.name}: {preset.name}")
-            due = final or (cfg.sample_every > 0 and step % cfg.sample_every == 0)
-            if due and cfg.sample_count > 0:
-                from training.plots import write_sample_grid
-
-                write_sample_grid(out, out / "samples" / f"step{step:07d}.png", count=cfg.sample_count,
-                                  sampler=cfg.sample_sampler, steps=cfg.sample_steps, seed=cfg.seed)
-        if ddp:
-            dist.barrier()
-        return sha
-
-    # -- the loop -------------------------------------------------------------
+def train_loop(run: Run, loader: DataLoader[Any]) -> dict[str, Any]:
+    """One optimiser step per global batch; log, checkpoint and stop when due."""
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (is_master and cfg.progress),
+    cfg, device = run.cfg, run.device
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not (run.ranks.is_master and cfg.progress),
                dynamic_ncols=True, unit="step")
     batches = iter(loader)
-    model.train()
-    t_start = t_log = time.perf_counter()
-    sums = torch.zeros(3, device=device)
-    steps_in_log, last_loss, sha = 0, None, None
-    step = start_step
+    run.model.train()
+    window = LossWindow(device)
+    step, sha = run.start_step, None
     while step < cfg.steps:
         lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         x_start = next(batches).to(device, non_blocking=True).float()
-        t, noise = draw_t_noise(sampler.positions(step), sample_shape, num_timesteps, cfg.seed)
-        step_sums = accumulate_gradients(model_fn, diffusion, x_start, t.to(device), noise.to(device),
-                                         micro, no_sync, autocast, scaler)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(raw_model)
+        t, noise = draw_t_noise(run.sampler.positions(step), run.sample_shape, run.num_timesteps, cfg.seed)
+        losses = accumulate_gradients(run.model_fn, run.diffusion, x_start, t.to(device), noise.to(device),
+                                      run.micro_batch, run.no_sync, run.autocast, run.scaler)
+        grad_norm = optimizer_step(run)
         step += 1
-        sums += torch.stack([step_sums["loss"], step_sums["mse"], step_sums["vb"]])
-        steps_in_log += 1
+        window.add(losses)
         bar.update(1)
-
-        out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > cfg.max_minutes * 60
-        if ddp and cfg.max_minutes > 0:  # the ranks' clocks differ; all stop when the first runs out
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
+        out_of_time = out_of_time_on_any_rank(run, window.started)
         stopping = out_of_time or step == cfg.stop_at
         if step % cfg.log_every == 0 or step == cfg.steps or stopping:
-            if ddp:
-                dist.all_reduce(sums)
-            now = time.perf_counter()
-            mean = (sums / (steps_in_log * cfg.global_batch)).tolist()
-            last_loss = mean[0]
-            if not math.isfinite(last_loss) and scaler is None:
-                raise FloatingPointError(
-                    f"loss is {last_loss} at step {step}; lower --lr or use --precision fp32")
-            record = {"kind": "train", "step": step, "loss": mean[0], "mse": mean[1], "vb": mean[2],
-                      "lr": lr, "grad_norm": float(grad_norm),
-                      "images_per_s": steps_in_log * cfg.global_batch / (now - t_log),
-                      "elapsed_s": round(now - t_start, 2)}
-            if is_master:
-                metrics.write(record)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
-            sums.zero_()
-            steps_in_log, t_log = 0, now
+            log_training(run, window, step, lr, grad_norm, bar)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             final = stopping or step == cfg.steps
-            sha = checkpoint(step, last_loss, time.perf_counter() - t_start, final=final)
+            sha = checkpoint(run, step, window.last_loss, window.elapsed(), final=final)
         if stopping:
-            if is_master:
+            if run.ranks.is_master:
                 why = f"time budget of {cfg.max_minutes} min used" if out_of_time else "--stop-at"
-                print(f"stopping at step {step} ({why}); resume with --resume {out}", file=sys.stderr)
+                print(f"stopping at step {step} ({why}); resume with --resume {run.out}", file=sys.stderr)
             break
     bar.close()
-    if start_step >= cfg.steps and is_master:
-        print(f"nothing to do: already at step {start_step} of {cfg.steps}", file=sys.stderr)
-    return {"step": step, "sha256": sha, "out": str(out), "loss": last_loss,
-            "seconds": time.perf_counter() - t_start}
+    if run.start_step >= cfg.steps and run.ranks.is_master:
+        print(f"nothing to do: already at step {run.start_step} of {cfg.steps}", file=sys.stderr)
+    return {"step": step, "sha256": sha, "out": str(run.out), "loss": window.last_loss,
+            "seconds": window.elapsed()}
+
+
+def optimizer_step(run: Run) -> torch.Tensor:
+    """Clip, step (through the GradScaler under fp16), clear the gradients, update the EMA;
+    returns the gradient norm before clipping."""
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip or math.inf)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.update(run.raw_model)
+    return grad_norm
+
+
+def out_of_time_on_any_rank(run: Run, started: float) -> bool:
+    """--max-minutes: the ranks' clocks differ, so all stop when the first runs out."""
+    minutes = run.cfg.max_minutes
+    out_of_time = minutes > 0 and time.perf_counter() - started > minutes * 60
+    if run.ranks.ddp and minutes > 0:
+        flag = torch.tensor(float(out_of_time), device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        out_of_time = bool(flag.item())
+    return out_of_time
+
+
+class LossWindow:
+    """Loss sums over the steps since the last log record, and the run's clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, device=device)  # loss, mse, vb
+        self.steps = 0
+        self.started = self.since = time.perf_counter()
+        self.last_loss: float | None = None
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.sums += torch.stack([losses["loss"], losses["mse"], losses["vb"]])
+        self.steps += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def log_training(run: Run, window: LossWindow, step: int, lr: float, grad_norm: torch.Tensor,
+                 bar: Any) -> None:
+    """Mean losses over the global batches since the last record → metrics.jsonl (master)."""
+    cfg = run.cfg
+    if run.ranks.ddp:
+        dist.all_reduce(window.sums)
+    now = time.perf_counter()
+    mean = (window.sums / (window.steps * cfg.global_batch)).tolist()
+    window.last_loss = mean[0]
+    if not math.isfinite(mean[0]) and run.scaler is None:
+        raise FloatingPointError(f"loss is {mean[0]} at step {step}; lower --lr or use --precision fp32")
+    if run.ranks.is_master:
+        run.metrics.write({"kind": "train", "step": step, "loss": mean[0], "mse": mean[1], "vb": mean[2],
+                           "lr": lr, "grad_norm": float(grad_norm),
+                           "images_per_s": window.steps * cfg.global_batch / (now - window.since),
+                           "elapsed_s": round(now - window.started, 2)})  # fmt: skip
+        bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
+    window.sums.zero_()
+    window.steps, window.since = 0, now
+
+
+# ---------------------------------------------------------------------------
+# Validation, checkpoints and sample figures.
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float | None:
+    """Hybrid loss of the EMA model on a fixed part of the validation set with fixed noise."""
+    cfg, device, ranks = run.cfg, run.device, run.ranks
+    n_val = min(len(run.val_ds), cfg.val_batches * cfg.global_batch)  # type: ignore[arg-type]
+    if n_val == 0:
+        return None
+    total = torch.zeros(2, device=device)
+    for i in range(ranks.rank, n_val, ranks.world_size):
+        x = torch.as_tensor(run.val_ds[i]).unsqueeze(0).to(device)
+        t, noise = draw_t_noise([i], run.sample_shape, run.num_timesteps, cfg.seed + VAL_SEED_OFFSET)
+        with run.autocast():
+            losses = run.diffusion.training_losses(run.ema_fn, x, t.to(device), noise=noise.to(device))
+        total += torch.stack([losses["loss"].float().sum(), torch.ones((), device=device)])
+    if ranks.ddp:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def checkpoint(run: Run, step: int, last_loss: float | None, elapsed: float, final: bool) -> str | None:
+    """Every rank: RNG states and validation loss. Master: registry checkpoint (EMA), train_state.pt,
+    validation and quick-figure records, loss curve, and the sample grid when due. Returns the sha256."""
+    rngs = [rng_state()]
+    if run.ranks.ddp:
+        rngs = [None] * run.ranks.world_size  # type: ignore[list-item]
+        dist.all_gather_object(rngs, rng_state())
+    val = validation_loss(run)
+    sha = None
+    if run.ranks.is_master:
+        sha = save_registry_checkpoint(run, step, last_loss, elapsed, val)
+        save_train_state(run, step, rngs)
+        write_figures(run, step, val, final)
+    run.ranks.barrier()
+    return sha
+
+
+def save_registry_checkpoint(run: Run, step: int, last_loss: float | None, elapsed: float,
+                             val: float | None) -> str:
+    """The EMA weights and their config + provenance, as the registry and the worker load them."""
+    cfg = run.cfg
+    provenance = {
+        "steps": step,
+        "images_seen": step * cfg.global_batch,
+        "data_fingerprint": run.fingerprint,
+        "data_position": run.sampler.position(step),
+        "code_version": run.code_version,
+        "torch_version": torch.__version__,
+        "world_size": run.ranks.world_size,
+        "device": run.device.type,
+        "precision": run.precision,
+        "channels_last": run.channels_last,
+        "train_seconds": round(elapsed, 1),
+        "final_loss": last_loss,
+        "val_loss": val,
+        "recipe": recipe_provenance(cfg),
+        "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **run.extra_provenance,
+    }
+    config = CheckpointConfig(
+        name=run.out.resolve().name, channel_set=cfg.channel_set, model=cfg.model_preset.model,
+        diffusion=cfg.model_preset.diffusion, normalisation=Normalisation(method=cfg.mode),
+        provenance=provenance,
+    )
+    weights = {k: v.detach().cpu().contiguous() for k, v in run.ema.model.state_dict().items()}
+    return save_checkpoint(run.out, weights, config)
+
+
+def save_train_state(run: Run, step: int, rngs: list[dict[str, Any]]) -> None:
+    """train_state.pt: what a resume needs to continue bit-identically (RNG states of every rank)."""
+    state = {
+        "step": step, "config": run.cfg.to_dict(), "model": run.raw_model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rngs, "data_position": run.sampler.position(step), "data_fingerprint": run.fingerprint,
+        "world_size": run.ranks.world_size, "extra_provenance": run.extra_provenance,
+    }
+    atomic_write(run.out / TRAIN_STATE, lambda path: torch.save(state, path))
+
+
+def write_figures(run: Run, step: int, val: float | None, final: bool) -> None:
+    """Validation and quick-evaluation records, the loss curve, and the sample grid when due."""
+    from training.plots import write_loss_curve, write_sample_grid
+
+    cfg, out = run.cfg, run.out
+    if val is not None:
+        run.metrics.write({"kind": "val", "step": step, "val_loss": val})
+    if run.quick_val is not None:
+        run.metrics.write({"kind": "eval", "step": step, **quick_figures(run, *run.quick_val)})
+    write_loss_curve(out / METRICS, out / "loss_curve.png", title=f"{out.name}: {cfg.model_preset.name}")
+    due = final or (cfg.sample_every > 0 and step % cfg.sample_every == 0)
+    if due and cfg.sample_count > 0:
+        write_sample_grid(out, out / "samples" / f"step{step:07d}.png", count=cfg.sample_count,
+                          sampler=cfg.sample_sampler, steps=cfg.sample_steps, seed=cfg.seed)
+
+
+def quick_figures(run: Run, x_real: torch.Tensor, real: dict[str, float]) -> dict[str, Any]:
+    """The evaluation's quick figures of the EMA model: x̂_0 error on real slices, sample anatomy."""
+    from training.evaluation.quick import quick_record
+
+    cfg = run.cfg
+    channels = channels_of(cfg.model_preset.channel_set)
+    with run.autocast():
+        return quick_record(run.ema_fn, run.diffusion, channels, x_real, real, count=cfg.val_samples,
+                            sampler=cfg.sample_sampler, steps=cfg.sample_steps, seed=cfg.seed)
 
 
 def recipe_provenance(cfg: TrainConfig) -> dict[str, Any]:
@@ -541,10 +678,6 @@ def quick_validation_set(val_ds: Dataset[Any], cfg: TrainConfig, device: torch.d
     x = torch.stack([torch.as_tensor(val_ds[int(i)]) for i in rows])
     channels = channels_of(cfg.channel_set)
     return x[:: max(1, len(rows) // 32)][:32].to(device), real_figures(x.numpy(), channels)
-
-
-def _is_cuda(device: torch.device) -> bool:
-    return device.type == "cuda"
 
 
 def resumed_config(ns: Any, resume: str) -> TrainConfig:

@@ -23,13 +23,13 @@ from celery import Celery, signals
 from synthmri import __version__
 from synthmri.contract import JOB_ID_PATTERN, QUEUE, TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE, JobState
 from synthmri.jobstore import STORE_ERRORS, WORKER_HEARTBEAT_PREFIX, JobStore
+from synthmri.outputs.layout import read_expiry
 from synthmri.settings import Settings, get_settings
 
 log = logging.getLogger("synthmri.worker")
 
 HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_TTL = 20
-EXPIRES_FILE = ".expires"  # unix time after which a job directory may be removed
 # A job directory with no record behind it is removed only once untouched for this long.
 ORPHAN_GRACE_SECONDS = 600.0
 # A job the API recorded but never confirmed as queued is failed after this long (the
@@ -101,10 +101,7 @@ def sweep_results(
     for job_dir in sorted(results_dir.iterdir()):
         if not job_id.match(job_dir.name) or not job_dir.is_dir():
             continue
-        try:
-            expires: float | None = float((job_dir / EXPIRES_FILE).read_text())
-        except (OSError, ValueError):
-            expires = None
+        expires = read_expiry(job_dir)
         if expires is not None:
             if expires <= now:
                 shutil.rmtree(job_dir, ignore_errors=True)

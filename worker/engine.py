@@ -1,9 +1,9 @@
 """The work behind the Celery tasks: sample an index range into files, then finalise the job.
 
-Files of a job live in `{results_dir}/{job_id}/`. A sample counts as complete when its
-`.parts/{i:04d}.npz` (kept channels, decoded and raw) exists; it is written last, after the
-NIfTI/PNG files, and every file is renamed into place, so a redelivered task skips
-finished samples and never sees half a file.
+Files of a job live in `{results_dir}/{job_id}/` (names: synthmri.outputs.layout). A sample
+counts as complete when its part file (kept channels, decoded and raw) exists; it is written
+last, after the NIfTI/PNG files, and every file is renamed into place, so a redelivered task
+skips finished samples and never sees half a file.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from synthmri import __version__
+from synthmri.atomic import atomic_write
 from synthmri.contract import JobSpec, JobState, Manifest
 from synthmri.jobstore import STORE_ERRORS, JobStore
+from synthmri.outputs.layout import PARTS_DIR, RunNames, part_path, sample_files, write_expiry
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
 from worker.outage import BestEffort, worker_stopping
@@ -31,12 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("synthmri.worker")
 
-PARTS = ".parts"
-EXPIRES_FILE = ".expires"
-GRID = "grid.png"
-MANIFEST = "manifest.json"
-ARCHIVE = "archive.zip"
-NPZ = "samples.npz"
+# JobSpec fields that go into the manifest under the same key.
+MANIFEST_SPEC_FIELDS = {"model", "channel_set", "channels", "image_size", "seed", "sampler", "steps",
+                        "request", "formats"}  # fmt: skip
 
 
 class JobError(RuntimeError):
@@ -79,27 +78,13 @@ def job_dir(settings: Settings, job_id: str) -> Path:
     return Path(settings.results_dir) / job_id
 
 
-def part_path(directory: Path, index: int) -> Path:
-    return directory / PARTS / f"{index:04d}.npz"
-
-
-def sample_files(spec: JobSpec, index: int) -> list[str]:
+def job_sample_files(spec: JobSpec, index: int) -> list[str]:
     """The per-sample output names of sample `index` (relative to the job directory)."""
-    from worker.writers import sample_filename
-
-    exts = [e for f, e in (("nifti", "nii.gz"), ("png", "png")) if f in spec.formats]
-    return [sample_filename(spec.id, index, c, ext) for c in spec.channels for ext in exts]
+    return sample_files(spec.id, index, spec.channels, spec.formats)
 
 
 def missing_indices(spec: JobSpec, directory: Path, start: int, stop: int) -> list[int]:
     return [i for i in range(start, stop) if not part_path(directory, i).exists()]
-
-
-def remove_range(spec: JobSpec, directory: Path, start: int, stop: int) -> None:
-    for i in range(start, stop):
-        for name in sample_files(spec, i):
-            (directory / name).unlink(missing_ok=True)
-        part_path(directory, i).unlink(missing_ok=True)
 
 
 def sample_range(
@@ -114,7 +99,7 @@ def sample_range(
 ) -> int:
     """Generate and write samples [start, stop) that are not yet complete; returns how many."""
     from model.generate import decode_sample, generate
-    from worker.writers import atomic_write_bytes, sample_filename, write_nifti, write_png
+    from synthmri.outputs import writers
 
     todo = missing_indices(spec, directory, start, stop)
     if not todo:
@@ -139,18 +124,14 @@ def sample_range(
         precision=sampling_precision(settings.precision, device),
     )
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
-    (directory / PARTS).mkdir(parents=True, exist_ok=True)
+    (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(todo):
         decoded = decode_sample(x[k], ckpt.config)
         kept = {c: decoded[c] for c in spec.channels}
-        for c, img in kept.items():
-            if "nifti" in spec.formats:
-                write_nifti(directory / sample_filename(spec.id, i, c, "nii.gz"), img, c)
-            if "png" in spec.formats:
-                write_png(directory / sample_filename(spec.id, i, c, "png"), img, c)
+        writers.write_sample(directory, spec.id, i, kept, spec.formats)
         buf = io.BytesIO()
         np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
-        atomic_write_bytes(part_path(directory, i), buf.getvalue())
+        atomic_write(part_path(directory, i), buf.getvalue())
     return len(todo)
 
 
@@ -170,57 +151,35 @@ def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoi
 
 def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
     """Grid, npz, manifest and zip from the complete samples (idempotent: same inputs, same bytes)."""
-    from worker.writers import (
-        MANIFEST_FORMAT,
-        make_manifest,
-        write_grid,
-        write_manifest,
-        write_npz,
-        write_zip,
-    )
+    from synthmri.outputs.writers import make_manifest, write_manifest_and_archive, write_run_summary
 
     t0 = time.time()
     device = resolve_device(settings.device)
+    names = RunNames.job(spec.id)
     samples, raw = [], []
     for i in range(spec.count):
         with np.load(part_path(directory, i)) as part:
             samples.append({c: part[c] for c in spec.channels})
             raw.append(part["raw"])
-    write_grid(directory / GRID, samples, spec.channels, row_labels=[f"{i:04d}" for i in range(spec.count)])
-    files = [name for i in range(spec.count) for name in sample_files(spec, i)]
-    if "npz" in spec.formats:
-        write_npz(directory / NPZ, np.stack(raw))
-        files.append(NPZ)
-    files.append(GRID)
+    indices = list(range(spec.count))
+    files = [name for i in indices for name in job_sample_files(spec, i)]
+    npz = np.stack(raw) if "npz" in spec.formats else None
+    files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz)
     timings = {"created_at": spec.created_at, "finalized_at": t0}
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
                        run_seconds=t0 - started_at)  # fmt: skip
+    # The manifest repeats what the spec fixed about the samples, plus what only the worker knows.
+    from_spec = spec.model_dump(mode="json", include=MANIFEST_SPEC_FIELDS)
     manifest = Manifest.model_validate(
         make_manifest(
-            seed=spec.seed,
-            sampler=spec.sampler,
-            steps=spec.steps,
-            sha256=spec.model_sha256,
-            model=spec.model,
-            channel_set=spec.channel_set,
-            channels=spec.channels,
-            image_size=spec.image_size,
-            indices=list(range(spec.count)),
-            files=files,
-            timings=timings,
-            version=__version__,
-            job_id=spec.id,
-            request=spec.request,
-            formats=spec.formats,
-            device=device,
+            **from_spec, sha256=spec.model_sha256, job_id=spec.id, indices=indices, files=files,
+            timings=timings, version=__version__, device=device,
             precision=sampling_precision(settings.precision, device),
         )
-    )
-    assert manifest.format == MANIFEST_FORMAT
-    write_manifest(directory / MANIFEST, manifest.model_dump(mode="json"))
-    write_zip(directory / ARCHIVE, [*files, MANIFEST], directory)
-    (directory / EXPIRES_FILE).write_text(str(time.time() + settings.result_ttl_seconds))
+    )  # fmt: skip
+    write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json"))
+    write_expiry(directory, time.time() + settings.result_ttl_seconds)
     return manifest
 
 

@@ -1,7 +1,8 @@
 """`synthmri sample`: sample a checkpoint locally into NIfTI, PNG, grid, manifest (and .npz), zipped.
 
-Uses the same `model.generate.generate` and `worker.writers` as the service worker, so
-a local run with the same seed gives the same samples as a job.
+Uses the same `model.generate.generate` and `synthmri.outputs` as the service worker, so
+a local run with the same seed gives the same samples, in the same files, as a job; only
+the prefix, npz and zip are named after `--name` (see `RunNames.local`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synthmri import __version__
 from synthmri.cli import CliError, make_parser
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from model.checkpoint import LoadedCheckpoint
 
 SAMPLER_NAMES = ("dpm++", "dpm++sde", "ddim", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -66,9 +72,8 @@ def main(argv: Sequence[str]) -> int:
     import torch
 
     from model.checkpoint import CheckpointError, load_checkpoint
-    from model.generate import decode_sample, generate, resolve_steps
+    from model.generate import generate, resolve_steps
     from model.inference import resolved_precision_name
-    from worker import writers
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but no CUDA device is available (use --device cpu)")
@@ -114,58 +119,47 @@ def main(argv: Sequence[str]) -> int:
             bar.close()
     t_sample = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = ckpt.config
-    decoded = [decode_sample(s, cfg) for s in x]
-    files: list[Path] = []
-    for i, sample in zip(indices, decoded, strict=True):
-        files += writers.write_sample(out, args.name, i, sample)
-    files.append(out / "grid.png")
-    writers.write_grid(files[-1], decoded, cfg.channels, row_labels=[f"{i:04d}" for i in indices])
-    if args.npz:
-        files.append(writers.write_npz(out / f"{args.name}.npz", x))
-    t_write = time.perf_counter() - t2
-
-    zip_path = out / f"{args.name}.zip"
-    manifest = writers.make_manifest(
-        seed=args.seed,
-        sampler=args.sampler,
-        steps=steps,
-        sha256=ckpt.sha256,
-        model=cfg.name,
-        channel_set=cfg.channel_set,
-        channels=cfg.channels,
-        image_size=cfg.image_size,
-        indices=indices,
-        files=[f.name for f in files] + [zip_path.name],
-        timings={
-            "load_s": t_load,
-            "sample_s": t_sample,
-            "write_s": t_write,
-            "images_steps_per_s": len(indices) * steps / max(t_sample, 1e-9),
-        },
-        version=__version__,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=precision,
-        torch_version=torch.__version__,
-        request={
-            "count": args.count,
-            "seed": args.seed,
-            "sampler": args.sampler,
-            "steps": args.steps,
-            "name": args.name,
-        },
-    )
-    files.append(writers.write_manifest(out / "manifest.json", manifest))
-    writers.write_zip(zip_path, files, root=out)
+    write_outputs(args, ckpt, x, steps, precision, timings={"load_s": t_load, "sample_s": t_sample})
     print(
-        f"wrote {args.count} sample(s) × {len(cfg.channels)} channel(s) to {out} "
+        f"wrote {args.count} sample(s) × {len(ckpt.config.channels)} channel(s) to {args.out} "
         f"({args.sampler}, {steps} steps, {t_sample:.1f} s sampling)"
     )
     return 0
+
+
+def write_outputs(
+    args: argparse.Namespace, ckpt: LoadedCheckpoint, x: np.ndarray, steps: int, precision: str,
+    timings: dict[str, float],
+) -> None:
+    """The samples' files, grid, npz, manifest and zip: a job's outputs, named after --name."""
+    import torch
+
+    from model.generate import decode_sample
+    from synthmri.outputs import writers
+    from synthmri.outputs.layout import RunNames
+
+    t0 = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    names = RunNames.local(args.name)
+    cfg = ckpt.config
+    indices = list(range(len(x)))
+    decoded = [decode_sample(s, cfg) for s in x]
+    files = [p.name for i, sample in zip(indices, decoded, strict=True)
+             for p in writers.write_sample(out, names.prefix, i, sample)]  # fmt: skip
+    raw = x if args.npz else None
+    files += writers.write_run_summary(out, names, decoded, indices, cfg.channels, raw=raw)
+    timings = {**timings, "write_s": time.perf_counter() - t0,
+               "images_steps_per_s": len(indices) * steps / max(timings["sample_s"], 1e-9)}  # fmt: skip
+    request = {"count": args.count, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
+               "name": args.name}  # fmt: skip
+    manifest = writers.make_manifest(
+        seed=args.seed, sampler=args.sampler, steps=steps, sha256=ckpt.sha256, model=cfg.name,
+        channel_set=cfg.channel_set, channels=cfg.channels, image_size=cfg.image_size, indices=indices,
+        files=[*files, names.archive], timings=timings, version=__version__, batch_size=args.batch_size,
+        device=args.device, precision=precision, torch_version=torch.__version__, request=request,
+    )  # fmt: skip
+    writers.write_manifest_and_archive(out, names, files, manifest)
 
 
 def _progress_bar(args: argparse.Namespace, total: int) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
@@ -37,6 +37,14 @@ from synthmri.contract import (
     new_seed,
 )
 from synthmri.jobstore import STORE_ERRORS, JobRecord
+from synthmri.outputs.layout import (
+    EXTENSION_FORMATS,
+    GRID,
+    JOB_ARCHIVE,
+    MANIFEST,
+    MEDIA_TYPES,
+    sample_filename,
+)
 from synthmri.registry import RegistryError, resolve_model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -44,16 +52,13 @@ log = logging.getLogger("synthmri.api")
 
 JobId = Annotated[str, PathParam(description="The job id returned by POST /v1/jobs", max_length=64)]
 
-# File names inside a job directory (written by worker.engine; the API never imports it).
-GRID, MANIFEST, ARCHIVE = "grid.png", "manifest.json", "archive.zip"
-EXTENSIONS = {"nii.gz": ("nifti", "application/gzip"), "png": ("png", "image/png")}
 
 
 class JobList(BaseModel):
     jobs: list[JobView]
 
 
-def _links(request: Request, services: ServicesDep, job_id: str, state: JobState) -> dict[str, str]:
+def _links(services: ServicesDep, job_id: str, state: JobState) -> dict[str, str]:
     base = services.settings.public_base_url.rstrip("/")
     path = f"/v1/jobs/{job_id}"
     links = {"self": base + path}
@@ -61,13 +66,13 @@ def _links(request: Request, services: ServicesDep, job_id: str, state: JobState
         links.update(
             grid=f"{base}{path}/{GRID}",
             manifest=f"{base}{path}/{MANIFEST}",
-            archive=f"{base}{path}/{ARCHIVE}",
+            archive=f"{base}{path}/{JOB_ARCHIVE}",
             samples=f"{base}{path}/samples/{{index}}/{{channel}}.{{ext}}",
         )
     return links
 
 
-def view(request: Request, services: ServicesDep, rec: JobRecord) -> JobView:
+def view(services: ServicesDep, rec: JobRecord) -> JobView:
     spec = rec.spec
     t = Timings(created_at=spec.created_at, started_at=rec.started_at, finished_at=rec.finished_at)
     if rec.started_at is not None:
@@ -90,16 +95,31 @@ def view(request: Request, services: ServicesDep, rec: JobRecord) -> JobView:
         timings=t,
         cancel_requested=rec.cancel_requested and not rec.state.terminal,
         error=rec.error,
-        links=_links(request, services, spec.id, rec.state),
+        links=_links(services, spec.id, rec.state),
     )
 
 
-async def own_job(services: ServicesDep, owner: str, job_id: str) -> JobRecord:
+def no_such_job(job_id: str) -> Problem:
+    return Problem(404, f"no job {clip(job_id)} for this API key (it may have expired)")
+
+
+async def owned_job(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> JobRecord:
     """The caller's job, or 404 — also for another key's job, so ids reveal nothing."""
     rec = await services.store.get(job_id) if job_id.isascii() and job_id.isalnum() else None
     if rec is None or rec.spec.owner != owner:
-        raise Problem(404, f"no job {clip(job_id)} for this API key (it may have expired)")
+        raise no_such_job(job_id)
     return rec
+
+
+OwnedJob = Annotated[JobRecord, Depends(owned_job)]
+
+
+async def reread(services: ServicesDep, rec: JobRecord) -> JobRecord:
+    """The job's record as it is now (404 once it was deleted or has expired meanwhile)."""
+    now = await services.store.get(rec.spec.id)
+    if now is None:
+        raise no_such_job(rec.spec.id)
+    return now
 
 
 def invalid(field: str, detail: str) -> Problem:
@@ -124,7 +144,6 @@ def _file(media_type: str, what: str) -> dict[int | str, dict[str, Any]]:
 )
 async def submit_job(
     body: JobRequest,
-    request: Request,
     response: Response,
     services: ServicesDep,
     owner: OwnerDep,
@@ -187,20 +206,19 @@ async def submit_job(
     rec = await services.store.get(spec.id)
     if rec is None:
         raise Problem(503, "the job store lost the new job (Redis restarted?); submit it again")
-    return view(request, services, rec)
+    return view(services, rec)
 
 
 @router.get(
     "", response_model=JobList, summary="List your jobs, newest first", responses=answers(401, 422, 503)
 )
 async def list_jobs(
-    request: Request,
     services: ServicesDep,
     owner: OwnerDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
     records = await services.store.list_for_owner(owner, limit)
-    return JobList(jobs=[view(request, services, r) for r in records])
+    return JobList(jobs=[view(services, r) for r in records])
 
 
 @router.get(
@@ -210,21 +228,18 @@ async def list_jobs(
     responses=answers(401, 404, 422, 503),
 )
 async def get_job(
-    job_id: JobId,
-    request: Request,
+    rec: OwnedJob,
     services: ServicesDep,
-    owner: OwnerDep,
     wait: Annotated[
         float, Query(ge=0, description="Long-poll: wait up to this many seconds for a state change")
     ] = 0,
 ) -> JobView:
-    rec = await own_job(services, owner, job_id)
     deadline = time.monotonic() + min(wait, services.settings.long_poll_max_seconds)
     first = rec.state
     while not rec.state.terminal and rec.state == first and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        rec = await own_job(services, owner, job_id)
-    return view(request, services, rec)
+        rec = await reread(services, rec)
+    return view(services, rec)
 
 
 @router.post(
@@ -234,16 +249,15 @@ async def get_job(
     summary="Cancel a job, keeping its record",
     responses=answers(401, 404, 409, 422, 503),
 )
-async def cancel_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
+async def cancel_job(rec: OwnedJob, services: ServicesDep) -> JobView:
     """Queued: it never runs. Running: it stops at the next sampler step and its files are
     removed. The job stays listed, as `cancelled`, until its record expires."""
-    rec = await own_job(services, owner, job_id)
     if rec.state in (JobState.succeeded, JobState.failed):
-        raise Problem(409, f"job {job_id} already {rec.state.value}; there is nothing to cancel")
+        raise Problem(409, f"job {rec.spec.id} already {rec.state.value}; there is nothing to cancel")
     if rec.state in ACTIVE_STATES:
-        await services.store.request_cancel(job_id)
-        rec = await own_job(services, owner, job_id)
-    return view(request, services, rec)
+        await services.store.request_cancel(rec.spec.id)
+        rec = await reread(services, rec)
+    return view(services, rec)
 
 
 @router.delete(
@@ -253,17 +267,16 @@ async def cancel_job(job_id: JobId, request: Request, services: ServicesDep, own
     summary="Delete a job: cancel it if it is active, then remove its record and files",
     responses=answers(401, 404, 422, 503),
 )
-async def delete_job(job_id: JobId, request: Request, services: ServicesDep, owner: OwnerDep) -> JobView:
+async def delete_job(rec: OwnedJob, services: ServicesDep) -> JobView:
     """Answers with the job as it ends: `cancelled` if it was queued or running (a running
     job stops at its next sampler step), else its final state. Afterwards the job answers
     404 and its files are gone."""
-    rec = await own_job(services, owner, job_id)
-    await services.store.delete(job_id, owner)
+    await services.store.delete(rec.spec.id, rec.spec.owner)
     directory = Path(services.settings.results_dir) / rec.spec.id
     await run_in_threadpool(shutil.rmtree, directory, True)
     if rec.state in ACTIVE_STATES:
         rec = replace(rec, state=JobState.cancelled, finished_at=time.time())
-    return view(request, services, rec)
+    return view(services, rec)
 
 
 async def _result_file(services: ServicesDep, rec: JobRecord, name: str) -> Path:
@@ -275,43 +288,38 @@ async def _result_file(services: ServicesDep, rec: JobRecord, name: str) -> Path
     return path
 
 
-@router.get("/{job_id}/grid.png", response_class=FileResponse,
+@router.get(f"/{{job_id}}/{GRID}", response_class=FileResponse,
             summary="Grid PNG: rows = samples, columns = channels",
-            responses=_file("image/png", "The grid"))  # fmt: skip
-async def get_grid(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = await _result_file(services, await own_job(services, owner, job_id), GRID)
-    return FileResponse(path, media_type="image/png")
+            responses=_file(MEDIA_TYPES["png"], "The grid"))  # fmt: skip
+async def get_grid(rec: OwnedJob, services: ServicesDep) -> FileResponse:
+    return FileResponse(await _result_file(services, rec, GRID), media_type=MEDIA_TYPES["png"])
 
 
-@router.get("/{job_id}/manifest.json", response_class=FileResponse, summary="The job's manifest",
-            responses=_file("application/json", "manifest.json (see README, Output format)"))  # fmt: skip
-async def get_manifest(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = await _result_file(services, await own_job(services, owner, job_id), MANIFEST)
-    return FileResponse(path, media_type="application/json")
+@router.get(f"/{{job_id}}/{MANIFEST}", response_class=FileResponse, summary="The job's manifest",
+            responses=_file(MEDIA_TYPES["json"], "manifest.json (see README, Output format)"))  # fmt: skip
+async def get_manifest(rec: OwnedJob, services: ServicesDep) -> FileResponse:
+    return FileResponse(await _result_file(services, rec, MANIFEST), media_type=MEDIA_TYPES["json"])
 
 
-@router.get("/{job_id}/archive.zip", response_class=FileResponse, summary="Everything as one zip",
-            responses=_file("application/zip", "Every file of the job"))  # fmt: skip
-async def get_archive(job_id: JobId, services: ServicesDep, owner: OwnerDep) -> FileResponse:
-    path = await _result_file(services, await own_job(services, owner, job_id), ARCHIVE)
-    return FileResponse(path, media_type="application/zip", filename=f"synthmri_{job_id}.zip")
+@router.get(f"/{{job_id}}/{JOB_ARCHIVE}", response_class=FileResponse, summary="Everything as one zip",
+            responses=_file(MEDIA_TYPES["zip"], "Every file of the job"))  # fmt: skip
+async def get_archive(rec: OwnedJob, services: ServicesDep) -> FileResponse:
+    path = await _result_file(services, rec, JOB_ARCHIVE)
+    return FileResponse(path, media_type=MEDIA_TYPES["zip"], filename=f"synthmri_{rec.spec.id}.zip")
 
 
-async def _sample(
-    services: ServicesDep, owner: str, job_id: str, index: int, channel: str, ext: str
-) -> FileResponse:
-    rec = await own_job(services, owner, job_id)
+async def _sample(services: ServicesDep, rec: JobRecord, index: int, channel: str, ext: str) -> FileResponse:
     spec = rec.spec
     if not 0 <= index < spec.count:
-        raise Problem(404, f"job {job_id} has samples 0..{spec.count - 1}; there is no sample {index}")
+        raise Problem(404, f"job {spec.id} has samples 0..{spec.count - 1}; there is no sample {index}")
     if channel not in spec.channels:
-        raise Problem(404, f"job {job_id} has channels {', '.join(spec.channels)}; not {clip(channel)}")
-    fmt, media = EXTENSIONS[ext]
+        raise Problem(404, f"job {spec.id} has channels {', '.join(spec.channels)}; not {clip(channel)}")
+    fmt = EXTENSION_FORMATS[ext]
     if fmt not in spec.formats:
-        raise Problem(404, f"job {job_id} did not request {fmt} output (formats: {', '.join(spec.formats)})")
+        raise Problem(404, f"job {spec.id} did not request {fmt} output (formats: {', '.join(spec.formats)})")
     # Every piece of the name was checked against the job's own spec above.
-    path = await _result_file(services, rec, f"{spec.id}_{index:04d}_{channel}.{ext}")
-    return FileResponse(path, media_type=media, filename=path.name)
+    path = await _result_file(services, rec, sample_filename(spec.id, index, channel, ext))
+    return FileResponse(path, media_type=MEDIA_TYPES[ext], filename=path.name)
 
 
 SampleIndex = Annotated[int, PathParam(ge=0, description="Sample index, 0..count-1")]
@@ -319,17 +327,17 @@ SampleIndex = Annotated[int, PathParam(ge=0, description="Sample index, 0..count
 
 @router.get("/{job_id}/samples/{index}/{channel}.nii.gz", response_class=FileResponse,
             summary="One sample's channel as NIfTI",
-            responses=_file("application/gzip", "A gzipped NIfTI-1 file"))  # fmt: skip
+            responses=_file(MEDIA_TYPES["nii.gz"], "A gzipped NIfTI-1 file"))  # fmt: skip
 async def get_sample_nifti(
-    job_id: JobId, index: SampleIndex, channel: str, services: ServicesDep, owner: OwnerDep
+    rec: OwnedJob, index: SampleIndex, channel: str, services: ServicesDep
 ) -> FileResponse:
-    return await _sample(services, owner, job_id, index, channel, "nii.gz")
+    return await _sample(services, rec, index, channel, "nii.gz")
 
 
 @router.get("/{job_id}/samples/{index}/{channel}.png", response_class=FileResponse,
             summary="One sample's channel as PNG",
-            responses=_file("image/png", "An 8-bit PNG"))  # fmt: skip
+            responses=_file(MEDIA_TYPES["png"], "An 8-bit PNG"))  # fmt: skip
 async def get_sample_png(
-    job_id: JobId, index: SampleIndex, channel: str, services: ServicesDep, owner: OwnerDep
+    rec: OwnedJob, index: SampleIndex, channel: str, services: ServicesDep
 ) -> FileResponse:
-    return await _sample(services, owner, job_id, index, channel, "png")
+    return await _sample(services, rec, index, channel, "png")

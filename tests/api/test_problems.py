@@ -9,19 +9,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from synthmri.contract import QUEUE
+from synthmri.contract import QUEUE, JobState
 from synthmri.jobstore import JobStore
+from synthmri.outputs.layout import GRID, JOB_ARCHIVE, MANIFEST, sample_files
 from synthmri.settings import Settings
 from tests.api.conftest import write_model
 
 KEY = "unit-key"
+OTHER_KEY = "other-unit-key"
 
 
 @pytest.fixture
 def client(tmp_path: Path, redis_url: str, store: JobStore) -> Iterator[TestClient]:
     write_model(tmp_path / "models", "tiny", "t1ce+seg")
     settings = Settings(redis_url=redis_url, models_dir=tmp_path / "models", results_dir=tmp_path / "results",
-                        api_keys=KEY, max_count=8, max_active_jobs_per_key=2)  # type: ignore[arg-type]  # fmt: skip
+                        api_keys=f"{KEY},{OTHER_KEY}", max_count=8, max_active_jobs_per_key=2)  # type: ignore[arg-type]  # fmt: skip
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
 
@@ -108,3 +110,44 @@ def test_readyz_reports_an_unwritable_results_dir(tmp_path: Path, redis_url: str
         else:
             assert_problem(r, 503, "the results directory is not writable (Not a directory)")
             assert str(tmp_path) not in r.text
+
+
+JOB_ROUTES = ("", "/cancel", "/grid.png", "/manifest.json", "/archive.zip", "/samples/0/t1ce.nii.gz",
+              "/samples/0/t1ce.png")  # fmt: skip
+
+
+def test_job_routes_answer_only_the_owning_key(client: TestClient, store: JobStore) -> None:
+    """Another key's job is 404 on every job route (as if it did not exist), and a caller
+    without a key hears 401 before anything about the job."""
+    job_id = client.post("/v1/jobs", json={"channels": "t1ce", "count": 1}).json()["id"]
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    for route in JOB_ROUTES:
+        method = client.post if route == "/cancel" else client.get
+        assert_problem(method(f"/v1/jobs/{job_id}{route}", headers=other), 404, "no job")
+        assert_problem(method(f"/v1/jobs/{job_id}{route}", headers={"Authorization": ""}), 401, "Bearer")
+    assert_problem(client.delete(f"/v1/jobs/{job_id}", headers=other), 404, "no job")
+    assert store.get(job_id) is not None  # the other key's DELETE removed nothing
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+
+
+def test_a_succeeded_job_serves_its_files_by_layout_names(
+    client: TestClient, store: JobStore, tmp_path: Path
+) -> None:
+    job_id = client.post("/v1/jobs", json={"channels": "t1ce", "count": 2, "formats": ["png"]}).json()["id"]
+    store.mark_running(job_id)
+    store.finish(job_id, JobState.succeeded)
+    directory = tmp_path / "results" / job_id
+    directory.mkdir(parents=True)
+    for name in (*sample_files(job_id, 1, ["t1ce"], ["png"]), GRID, MANIFEST, JOB_ARCHIVE):
+        (directory / name).write_bytes(name.encode())
+    r = client.get(f"/v1/jobs/{job_id}/samples/1/t1ce.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == f"{job_id}_0001_t1ce.png".encode()
+    for route, media in (("grid.png", "image/png"), ("manifest.json", "application/json"),
+                         ("archive.zip", "application/zip")):  # fmt: skip
+        r = client.get(f"/v1/jobs/{job_id}/{route}")
+        assert r.status_code == 200 and r.headers["content-type"] == media and r.content == route.encode()
+    assert_problem(client.get(f"/v1/jobs/{job_id}/samples/1/t1ce.nii.gz"), 404, "did not request nifti")
+    assert_problem(client.get(f"/v1/jobs/{job_id}/samples/2/t1ce.png"), 404, "no sample 2")
+    (directory / GRID).unlink()
+    assert_problem(client.get(f"/v1/jobs/{job_id}/grid.png"), 410, "no longer available")

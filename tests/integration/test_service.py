@@ -84,7 +84,7 @@ def test_job_end_to_end_outputs(api: Api, stack: Any) -> None:
     assert np.abs(npz[0, :, :, 0].astype(float) - t1ce0 * 255).max() <= 1.0
 
     # The grid is exactly the writer's rendering of these samples: 3 rows × 2 channel columns.
-    from worker.writers import render_grid
+    from synthmri.outputs.writers import render_grid
 
     samples = [
         {c: arrays[f"{job['id']}_{i:04d}_{c}.nii.gz"][0][:, :, 0] for c in ("t1ce", "seg")} for i in range(3)

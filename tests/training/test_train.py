@@ -17,7 +17,13 @@ from model.unet import UNetModel
 from training.config import TrainConfig, preset_config
 from training.ema import EMA
 from training.schedule import get_lr
-from training.train import accumulate_gradients, draw_t_noise, main, resolve_channels_last, resolve_precision
+from training.train import (
+    accumulate_gradients,
+    autocast_precision,
+    draw_t_noise,
+    main,
+    resolve_channels_last,
+)
 
 
 def tiny_model(seed: int = 0) -> UNetModel:
@@ -109,10 +115,10 @@ def test_presets_and_validation() -> None:
 
 def test_auto_precision_and_memory_format() -> None:
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert autocast_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert autocast_precision(cpu, "fp32") == "fp32" and autocast_precision(cpu, "bf16") == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        resolve_precision("fp16", cpu)
+        autocast_precision(cpu, "fp16")
     assert resolve_channels_last("auto", "bf16") and not resolve_channels_last("auto", "fp32")
     assert resolve_channels_last("on", "fp32") and not resolve_channels_last("off", "bf16")
     # configs saved before "auto" hold booleans

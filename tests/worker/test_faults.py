@@ -149,9 +149,9 @@ def test_full_disk_fails_the_job_without_paths_and_removes_its_files(
     _, store, settings = setup
     spec = make_spec(settings, steps=3)
     store.create(spec, 600)
-    import worker.writers
+    from synthmri.outputs import writers
 
-    real = worker.writers.write_nifti
+    real = writers.write_nifti
     written: list[Path] = []
 
     def fill_up(path: Path, *args: Any, **kw: Any) -> None:
@@ -160,7 +160,7 @@ def test_full_disk_fails_the_job_without_paths_and_removes_its_files(
         real(path, *args, **kw)
         written.append(path)
 
-    monkeypatch.setattr(worker.writers, "write_nifti", fill_up)
+    monkeypatch.setattr(writers, "write_nifti", fill_up)
     assert engine.process_range(store, settings, spec.id, 0, 2) == "failed"
     rec = store.get(spec.id)
     assert rec is not None and rec.state == JobState.failed

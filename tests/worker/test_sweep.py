@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from synthmri.contract import JobState
-from worker.celery_app import EXPIRES_FILE, ORPHAN_GRACE_SECONDS, sweep_results
+from synthmri.outputs.layout import write_expiry
+from worker.celery_app import ORPHAN_GRACE_SECONDS, sweep_results
 
 
 def job_dir(root: Path, job_id: str, *, expires: float | None = None, age: float = 0.0) -> Path:
@@ -18,7 +19,7 @@ def job_dir(root: Path, job_id: str, *, expires: float | None = None, age: float
     (d / ".parts").mkdir(parents=True)
     (d / ".parts" / "0000.npz").write_bytes(b"partial sample")
     if expires is not None:
-        (d / EXPIRES_FILE).write_text(str(expires))
+        write_expiry(d, expires)
     if age:
         then = time.time() - age
         os.utime(d, (then, then))

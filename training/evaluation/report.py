@@ -275,7 +275,7 @@ def side_by_side(
     """Two grids (rows = slices, columns = channels) next to each other with a title above each."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from worker.writers import render_grid
+    from synthmri.outputs.writers import render_grid
 
     grids = [render_grid(_grid_samples(x, channels), channels)[0] for x in (real, synthetic)]
     top, gap = 30, 16
@@ -291,9 +291,7 @@ def side_by_side(
         canvas.paste(grid, (x, top))
         draw.text((x + 8, 6), title, fill=(235, 235, 235), font=font)
         x += grid.width + gap
-    tmp = path.with_suffix(".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def histograms(
@@ -327,10 +325,8 @@ def histograms(
         ax.set_yticks([])
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(

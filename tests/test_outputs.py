@@ -1,4 +1,4 @@
-"""Writers: NIfTI pixels/dtype/affine/labels, PNG orientation, grid overlay, npz layout, atomicity."""
+"""Output writers: NIfTI pixels/dtype/affine/labels, PNG orientation, grid overlay, npz layout, atomicity."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker import writers
+from synthmri.atomic import atomic_write
+from synthmri.outputs import writers
 
 
 def _sample(size: int = 32, shift: int = 0) -> dict[str, np.ndarray]:
@@ -178,7 +179,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        writers.atomic_write(target, crash)
+        atomic_write(target, crash)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temp file left behind
 
@@ -186,3 +187,23 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
 def test_nifti_rejects_non_2d() -> None:
     with pytest.raises(ValueError, match="expected a 2-D slice"):
         writers.nifti_bytes(np.zeros((2, 4, 4), np.float32), "t1ce")
+
+
+def test_writers_name_files_as_the_layout_says(tmp_path: Path) -> None:
+    """The API serves the names `layout` gives; the writers must write exactly those."""
+    from synthmri.outputs.layout import sample_files
+
+    for formats in (["nifti"], ["png"], ["nifti", "png"]):
+        out = tmp_path / "+".join(formats)
+        out.mkdir()
+        written = writers.write_sample(out, "job", 3, _sample(), formats)
+        assert [p.name for p in written] == sample_files("job", 3, ["t1ce", "seg"], formats)
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)
+
+
+def test_expiry_marker_round_trip(tmp_path: Path) -> None:
+    from synthmri.outputs.layout import read_expiry, write_expiry
+
+    assert read_expiry(tmp_path) is None  # not finalised: no marker
+    write_expiry(tmp_path, 1234.5)
+    assert read_expiry(tmp_path) == 1234.5

@@ -1,8 +1,8 @@
 """Output writers: per-sample NIfTI and PNG, the grid PNG, manifest.json, .npz and the zip.
 
-Every file is written to a temp name in its own directory and renamed into place
-(os.replace is atomic on POSIX), so a crashed or duplicated task never leaves half a
-file. Compressed outputs carry no timestamps, so a re-run writes identical bytes.
+Every file goes through `synthmri.atomic.atomic_write`, so a crashed or duplicated task
+never leaves half a file. Compressed outputs carry no timestamps, so a re-run writes
+identical bytes. Torch-free: arrays come in as numpy.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from synthmri.atomic import atomic_write
 from synthmri.channels import LABEL_NAMES, SEG
+from synthmri.outputs.layout import (
+    FORMAT_EXTENSIONS,
+    GRID,
+    MANIFEST,
+    RunNames,
+    sample_filename,
+    sample_label,
+)
 
 # Output orientation: array axis 0 = x, axis 1 = y of a BraTS volume as nibabel loads it
 # (see docs/INTERFACES.md); diag(-1, -1, 1) is the BraTS/LPS-style 1 mm grid.
@@ -37,20 +45,7 @@ MANIFEST_FORMAT = "synthmri-manifest/1"
 
 
 # ---------------------------------------------------------------------------
-# Atomic file primitives
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-# ---------------------------------------------------------------------------
 # NIfTI
-
-
-def sample_filename(prefix: str, index: int, channel: str, ext: str) -> str:
-    """`{prefix}_{i:04d}_{channel}.{ext}` (BraTS-style naming)."""
-    return f"{prefix}_{index:04d}_{channel}.{ext}"
 
 
 def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
@@ -80,7 +75,7 @@ def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
 
 
 def write_nifti(path: str | Path, img: np.ndarray, channel: str) -> Path:
-    return atomic_write_bytes(path, nifti_bytes(img, channel))
+    return atomic_write(path, nifti_bytes(img, channel))
 
 
 # ---------------------------------------------------------------------------
@@ -124,18 +119,26 @@ def channel_png(img: np.ndarray, channel: str) -> bytes:
 
 
 def write_png(path: str | Path, img: np.ndarray, channel: str) -> Path:
-    return atomic_write_bytes(path, channel_png(img, channel))
+    return atomic_write(path, channel_png(img, channel))
 
 
 def write_sample(
-    out_dir: str | Path, prefix: str, index: int, sample: Mapping[str, np.ndarray]
+    out_dir: str | Path,
+    prefix: str,
+    index: int,
+    sample: Mapping[str, np.ndarray],
+    formats: Sequence[str] = tuple(FORMAT_EXTENSIONS),
 ) -> list[Path]:
-    """NIfTI + PNG for each channel of one decoded sample; returns the paths written."""
+    """A file per channel and format of one decoded sample (names as `layout.sample_files`);
+    returns the paths written."""
     out_dir = Path(out_dir)
+    writers = {"nifti": write_nifti, "png": write_png}
     written: list[Path] = []
     for channel, img in sample.items():
-        written.append(write_nifti(out_dir / sample_filename(prefix, index, channel, "nii.gz"), img, channel))
-        written.append(write_png(out_dir / sample_filename(prefix, index, channel, "png"), img, channel))
+        for fmt, ext in FORMAT_EXTENSIONS.items():
+            if fmt in formats:
+                path = out_dir / sample_filename(prefix, index, channel, ext)
+                written.append(writers[fmt](path, img, channel))
     return written
 
 
@@ -240,7 +243,7 @@ def write_grid(
     image, layout = render_grid(samples, channels, row_labels)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return layout
 
 
@@ -285,8 +288,9 @@ def make_manifest(
 
 
 def write_manifest(path: str | Path, manifest: Mapping[str, Any]) -> Path:
+    """The manifest as sorted, indented JSON (stable bytes for the same content)."""
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write(path, text.encode("utf-8"))
 
 
 def research_array(x: np.ndarray) -> np.ndarray:
@@ -302,7 +306,7 @@ def write_npz(path: str | Path, x: np.ndarray) -> Path:
     """All samples as key `arr_0` (N×H×W×C uint8), as the research sampling scripts saved them."""
     buf = io.BytesIO()
     np.savez_compressed(buf, arr_0=research_array(x))
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -325,3 +329,33 @@ def write_zip(path: str | Path, files: Sequence[str | Path], root: str | Path) -
                 zf.writestr(info, (root / arcname).read_bytes())
 
     return atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------
+# Finishing a run: the same steps for a service job and for `synthmri sample`
+
+
+def write_run_summary(
+    directory: Path,
+    names: RunNames,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    indices: Sequence[int],
+    channels: Sequence[str],
+    raw: np.ndarray | None = None,
+) -> list[str]:
+    """The research npz (given the raw samples) and the grid; returns their names in `directory`."""
+    written = []
+    if raw is not None:
+        write_npz(directory / names.npz, raw)
+        written.append(names.npz)
+    write_grid(directory / GRID, samples, channels, row_labels=[sample_label(i) for i in indices])
+    written.append(GRID)
+    return written
+
+
+def write_manifest_and_archive(
+    directory: Path, names: RunNames, files: Sequence[str], manifest: Mapping[str, Any]
+) -> None:
+    """manifest.json, then the archive of `files` (names in `directory`) and the manifest."""
+    write_manifest(directory / MANIFEST, manifest)
+    write_zip(directory / names.archive, [*files, MANIFEST], directory)
