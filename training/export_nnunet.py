@@ -426,7 +426,9 @@ def main(argv: Sequence[str]) -> int:
     except OSError as e:
         raise CliError(f"cannot write to {args.out}: {e.strerror or e}") from None
     meta = json.loads((target / "dataset.json").read_text(encoding="utf-8"))
-    print(f"wrote {target} ({meta['numTraining']} cases, channels "
-          f"{', '.join(meta['channel_names'].values())}); train with: nnUNetv2_plan_and_preprocess "
-          f"-d {args.dataset_id} && nnUNetv2_train {args.dataset_id} 2d 0")  # fmt: skip
+    channels = ", ".join(meta["channel_names"].values())
+    d = args.dataset_id
+    print(f"wrote {target} ({meta['numTraining']} cases, channels {channels}); next: "
+          f"nnUNetv2_plan_and_preprocess -d {d} --verify_dataset_integrity; "
+          f"nnUNetv2_train {d} 2d 0")  # fmt: skip
     return 0
