@@ -28,6 +28,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from synthmri import __version__
 from synthmri.channels import BRATS_LABELS, MODALITIES, SEG
 from synthmri.cli import CliError, make_parser
 from synthmri.contract import JOB_ID_PATTERN
-from training.brats import DataError, find_subjects, load_subject
+from training.brats import DataError, Subject, find_subjects, load_subject
 
 # Where the job output names live today (worker.writers is torch-free). When they move to
 # a core module, only this import changes.
@@ -202,7 +203,7 @@ def _load(path: Path, where: str) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         img = cast(nib.Nifti1Image, nib.load(str(path)))
         return img, np.asarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types for a bad file
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
         raise ExportError(f"{where}: cannot read {path.name}: {e}") from None
 
 
@@ -246,7 +247,7 @@ def _export_sample(job: Job, index: int, case: str, images: Sequence[str], root:
     _save(_like(label, seg_img, cal=(0.0, 3.0)), root / "labelsTr" / f"{case}{FILE_ENDING}")
 
 
-def _real_subjects(real: Path, images: Sequence[str]) -> list[Any]:
+def _real_subjects(real: Path, images: Sequence[str]) -> list[Subject]:
     try:
         subjects = find_subjects(real, [*images, SEG])
     except DataError as e:
@@ -257,7 +258,7 @@ def _real_subjects(real: Path, images: Sequence[str]) -> list[Any]:
     return subjects
 
 
-def _export_subject(subject: Any, images: Sequence[str], root: Path) -> None:
+def _export_subject(subject: Subject, images: Sequence[str], root: Path) -> None:
     try:
         volumes = load_subject(subject, [*images, SEG])
     except DataError as e:
@@ -348,7 +349,7 @@ def export_nnunet(
 
 
 def _write_dataset(
-    root: Path, target: Path, jobs: Sequence[Job], images: Sequence[str], subjects: Sequence[Any],
+    root: Path, target: Path, jobs: Sequence[Job], images: Sequence[str], subjects: Sequence[Subject],
     real: str | Path | None,
 ) -> None:
     for sub in ("imagesTr", "labelsTr"):
