@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from synthmri.cli import main as cli
-from training.export_nnunet import BRATS_TO_NNUNET, EXPORT_RECORD, ExportError, export_nnunet
+from training.export_nnunet import EXPORT_RECORD, ExportError, export_nnunet
 
 JOB_ID = "0123456789abcdef"
 FOUR = ("t1", "t1ce", "t2", "flair", "seg")
@@ -105,9 +105,14 @@ def real_2023(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# nnunetv2 dataset_conversion/Dataset137_BraTS21.py: NCR 1 → 2, ED 2 → 1, ET 4 → 3 (written out
+# here, not imported, so a wrong table in the module fails the test).
+NNUNET_BRATS = {0: 0, 1: 2, 2: 1, 4: 3}
+
+
 def expected_labels(brats: np.ndarray) -> np.ndarray:
     out = np.full(brats.shape, 255, dtype=np.uint8)
-    for b, n in BRATS_TO_NNUNET.items():
+    for b, n in NNUNET_BRATS.items():
         out[brats == b] = n
     return out
 
