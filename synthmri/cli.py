@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("training.prepare_cli", "preprocess a BraTS folder into the slice cache"),
     "demo-model": ("training.demo", "train the demo model the service ships with"),
     "eval": ("training.evaluation.cli", "evaluate a checkpoint's samples against real held-out slices"),
+    "export-nnunet": ("training.export_nnunet", "jobs (and real BraTS cases) as an nnU-Net v2 raw dataset"),
 }
 
 
