@@ -46,7 +46,7 @@ def known_samples(n: int, channels: tuple[str, ...], seed: int = 0) -> list[dict
 
 def write_job(directory: Path, samples: list[dict[str, np.ndarray]], channels: tuple[str, ...]) -> Path:
     """A finished worker-style job folder (NIfTI, PNG, manifest, archive.zip) from known arrays."""
-    from worker import writers
+    from synthmri.outputs import writers
 
     directory.mkdir(parents=True)
     files: list[str] = []

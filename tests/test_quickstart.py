@@ -17,13 +17,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "quickstart"
-STAMP = ROOT / ".venv" / ".synthmri-installed"
+STAMPS = [ROOT / ".venv" / ".synthmri-installed", ROOT / ".venv" / ".synthmri-installed[dev]"]
 
 
 def _installed() -> bool:
-    """True when quickstart would not reinstall (its stamp is newer than what it installs from)."""
-    return STAMP.exists() and all(
-        STAMP.stat().st_mtime >= (ROOT / f).stat().st_mtime for f in ("pyproject.toml", "constraints.txt")
+    """True when `quickstart up` would not reinstall (a stamp is newer than what it installs from)."""
+    return any(
+        stamp.exists() and all(
+            stamp.stat().st_mtime >= (ROOT / f).stat().st_mtime for f in ("pyproject.toml", "constraints.txt")
+        )
+        for stamp in STAMPS
     )
 
 

@@ -42,13 +42,10 @@ from synthmri import __version__
 from synthmri.channels import BRATS_LABELS, MODALITIES, SEG
 from synthmri.cli import CliError, make_parser
 from synthmri.contract import JOB_ID_PATTERN
+from synthmri.outputs.layout import MANIFEST, sample_filename
+from synthmri.outputs.writers import MANIFEST_FORMAT
 from training.brats import DataError, Subject, find_subjects, load_subject
 
-# Where the job output names live today (worker.writers is torch-free). When they move to
-# a core module, only this import changes.
-from worker.writers import MANIFEST_FORMAT, sample_filename
-
-MANIFEST = "manifest.json"
 FILE_ENDING = ".nii.gz"
 EXPORT_RECORD = "synthmri_export.json"
 EXPORT_FORMAT = "synthmri-nnunet-export/1"
