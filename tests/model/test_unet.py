@@ -16,8 +16,9 @@ from benchmarks.sampling import ISSUE_64
 from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceModel, cpu_has_native_bf16, prepare_for_inference, resolve_precision
+from model.inference_modules import batch_invariant_group_norm
 from model.samplers import sample_ddim
-from model.unet import AttentionBlock, ResBlock, UNetModel, batch_invariant_group_norm, timestep_embedding
+from model.unet import AttentionBlock, ResBlock, UNetModel, timestep_embedding
 from tests.skip_policy import NO_BF16
 
 
