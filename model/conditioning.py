@@ -60,6 +60,7 @@ class KnownChannels:
         self.known = known.float()
         self.mask = mask.float()
 
+    @torch.inference_mode()
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         if x_t.shape != self.known.shape:
             raise ValueError(f"x_t of shape {tuple(x_t.shape)} but known channels {tuple(self.known.shape)}")

@@ -45,6 +45,7 @@ def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     return [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
 
 
+@torch.inference_mode()
 def generate(
     ckpt: LoadedCheckpoint,
     *,

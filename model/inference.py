@@ -7,9 +7,9 @@ What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md
   the output closest to the float32 net;
 - channels_last activations, the layout oneDNN/cuDNN convolutions run natively;
 - inference_mode, eval mode (dropout off);
-- batch invariance: on CPU the kernels of the prepared net are row-independent (the
-  UNet pads its GroupNorm batches to a multiple of the thread count and runs its
-  embedding matmuls per sample, see model/unet.py), so in bf16 channels_last a sample
+- batch invariance: on CPU the kernels of the prepared net are row-independent (its
+  GroupNorm batches are padded to a multiple of the thread count, its embedding matmuls
+  and float32 head run per sample: model/inference_modules.py), so in bf16 channels_last a sample
   comes out bit-identical whatever its batch — measured, not assumed: see
   tests/model/test_unet.py. On CUDA, where cuDNN/cuBLAS pick kernels by shape, a fixed
   `micro_batch` (the net always sees exactly that many rows, the last chunk padded)
@@ -35,7 +35,8 @@ from torch import nn
 
 from model.cpu_allocator import retain_freed_memory
 from model.cpu_features import cpu_flags
-from model.quantize import int8_supported, quantise_convolutions
+from model.inference_modules import make_batch_invariant
+from model.quantize import fuse_norms_into_int8_convs, int8_supported, quantise_convolutions
 from model.unet import NormAct, ResBlock, UNetModel
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
@@ -175,6 +176,7 @@ def prepare_for_inference(
     if dev.type == "cpu":
         retain_freed_memory()
     model.eval().requires_grad_(False)
+    make_batch_invariant(model)
     model.to(dev, dtype)
     for part in _keep_float32(model):
         part.float()
@@ -182,6 +184,9 @@ def prepare_for_inference(
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if precision == "int8":
         quantise_convolutions(model, keep=_keep_unquantised(model))
+        for block in list(model.modules()):
+            if isinstance(block, ResBlock):
+                fuse_norms_into_int8_convs(block)
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model
     if compile:
         # freezing folds the weights into the graph and lets inductor pre-pack them for oneDNN.

@@ -35,7 +35,7 @@ from torch import nn
 from model.cpu_features import cpu_flags
 
 if TYPE_CHECKING:
-    from model.unet import NormAct
+    from model.unet import NormAct, ResBlock
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +277,30 @@ def quantise_convolutions(model: nn.Module, keep: tuple[nn.Module, ...] = ()) ->
                 setattr(parent, name, Int8Linear(child) if pointwise else Int8Conv2d(child))
                 swapped += 1
     return swapped
+
+
+class NormThenInt8Conv(nn.Module):
+    """`conv(norm(x, scale_shift))` with the norm's affine, FiLM and SiLU fused into the int8
+    convolution's quantising pass: normalise, activate and quantise in one kernel, so the
+    normalised map is never written. Takes the norm's place in a ResBlock; the conv's place
+    becomes an identity."""
+
+    def __init__(self, norm: NormAct, conv: Int8Conv2d) -> None:
+        super().__init__()
+        self.norm, self.conv = norm, conv
+
+    def forward(
+        self, x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        return self.conv.forward_after_norm(self.norm, x, scale_shift)
+
+
+def fuse_norms_into_int8_convs(block: ResBlock) -> None:
+    """In a ResBlock, replace each norm → int8 conv pair with one NormThenInt8Conv, in place.
+    The input pair of a resampling block is left alone: the resampling sits between them."""
+    if isinstance(block.out_conv, Int8Conv2d):
+        block.out_norm = NormThenInt8Conv(block.out_norm, block.out_conv)
+        block.out_conv = nn.Identity()
+    if isinstance(block.in_conv, Int8Conv2d) and not (block.up or block.down):
+        block.in_norm = NormThenInt8Conv(block.in_norm, block.in_conv)
+        block.in_conv = nn.Identity()

@@ -7,6 +7,10 @@ any step noise through `noise(x)` (a `PerSampleNoise.randn_like` keeps each samp
 own stream), reports `progress(done, total)` after each step and raises `SamplingCancelled`
 when `should_stop()` says so. Conditioning wraps `model_fn`; samplers grow no flags for it.
 All arithmetic is float32 whatever the network's dtype.
+
+Every sampler runs under `torch.inference_mode()` itself: no step's autograd graph is kept,
+and the network sees the same grad state (and so takes the same batch-invariant kernels)
+whether or not the caller opened a no-grad context.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def ddpm_step(mean: Tensor, log_variance: Tensor, z: Tensor | None) -> Tensor:
     return mean + torch.exp(0.5 * log_variance) * z
 
 
+@torch.inference_mode()
 def sample_ddpm(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,
@@ -94,6 +99,7 @@ def ddim_coefficients(ab: float, ab_prev: float, eta: float) -> tuple[float, flo
     return math.sqrt(ab_prev), math.sqrt(max(1 - ab_prev - sigma**2, 0.0)), sigma
 
 
+@torch.inference_mode()
 def sample_ddim(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,
@@ -210,6 +216,7 @@ def dpmpp_2m_step(
     return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
 
 
+@torch.inference_mode()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,
@@ -286,6 +293,7 @@ def dpmpp_2m_sde_step(
     ) * z
 
 
+@torch.inference_mode()
 def sample_dpmpp_2m_sde(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,

@@ -7,6 +7,10 @@ zero-initialised output convolution so the untrained net predicts ε = 0.
 
 `forward(x, t)` takes `t` in the ORIGINAL 0..T-1 timestep scale (the diffusion's
 `timestep_map` has already been applied by the caller).
+
+This is the network as trained. For sampling, `model.inference.prepare_for_inference`
+swaps in batch-invariant layers (model/inference_modules.py) and, opt-in, int8 ones
+(model/quantize.py) with the same parameters.
 """
 
 from __future__ import annotations
@@ -39,72 +43,23 @@ def param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def rowwise_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer applied one row at a time, so each row's result is independent of the batch.
+class Pointwise(nn.Conv2d):
+    """A 1×1 convolution that also takes channels-last tokens (N, …, C), as a matmul.
 
-    BLAS picks its kernel (and so its summation order) by the number of rows: gemv for
-    one, blocked gemm for more. That made a sample's timestep embedding differ in the
-    last bits with its batch size, which bf16 rounding then amplified over a sampling
-    run. Convolutions, norms and attention are already row-independent, so with this
-    the whole forward is batch-invariant. Costs N tiny matrix-vector products.
+    Attention runs its projections on tokens, and on a channels_last map the convolution
+    itself runs as that matmul, which oneDNN runs far faster than a 1×1 convolution.
     """
-    if not isinstance(layer, nn.Linear):
-        raise TypeError(f"rowwise_linear needs an nn.Linear, got {type(layer).__name__}")
-    if x.shape[0] > 1 and not torch.is_grad_enabled():
-        # A sampler step gives every row the same timestep: compute each distinct row once
-        # (a row's result does not depend on its neighbours, so this changes no bit).
-        rows, inverse = torch.unique(x, dim=0, return_inverse=True)
-        if rows.shape[0] < x.shape[0]:
-            return rowwise_linear(layer, rows)[inverse]
-    return torch.cat([F.linear(x[i : i + 1], layer.weight, layer.bias) for i in range(x.shape[0])])
 
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
 
-def project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """A 1×1 convolution applied to channels-last tokens (N, …, C) as a matmul; a layer with its
-    own token kernel (the int8 one) runs that."""
-    own = getattr(layer, "project", None)
-    if own is not None:
-        return own(tokens)
-    if not isinstance(layer, nn.Conv2d):
-        raise TypeError(f"project needs a 1×1 convolution, got {type(layer).__name__}")
-    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(tokens, self.weight.flatten(1), self.bias)
 
-
-def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 1×1 convolution (or identity); on a channels_last map, as a matmul over pixels."""
-    matmul = isinstance(layer, nn.Conv2d) or hasattr(layer, "project")
-    if matmul and x.is_contiguous(memory_format=torch.channels_last):
-        return project(layer, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    return layer(x)
-
-
-def batch_invariant_group_norm(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
-    """Affine-free GroupNorm whose per-sample statistics do not depend on the batch.
-
-    On a channels_last map of ≥ 1024 pixels the CPU kernel splits the N·H·W pixels of
-    the whole batch evenly over its T threads and adds the per-thread partial sums, so
-    a sample cut by a thread boundary gets a different summation order than the same
-    sample in another batch. When N is a multiple of T every sample lies wholly in one
-    thread, summed in the same order whatever the batch; so in inference we pad the
-    batch with zero rows up to a multiple of T (training needs no invariance).
-    """
-    n, threads = x.shape[0], torch.get_num_threads()
-    pad = -n % threads
-    needs_pad = (
-        pad
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.shape[2] * x.shape[3] >= 1024
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
-    if not needs_pad:
-        return F.group_norm(x, num_groups, None, None, eps)
-    # The zero rows are made channels_last directly: an NCHW block (or its .contiguous()
-    # copy) costs a transposing pass, 0.5–1 ms per 64² map — most of batch 1's GroupNorm time.
-    cl = torch.channels_last
-    zeros = torch.empty((pad, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=cl).zero_()
-    padded = torch.cat([x, zeros])
-    return F.group_norm(padded, num_groups, None, None, eps)[:n]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return self.project(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
 
 
 def zero_module(module: M) -> M:
@@ -119,10 +74,9 @@ class NormAct(nn.Module):
 
     One module for the three ops so that they cost fewer passes over the feature map: the
     affine γ, β and the FiLM fold into one per-(sample, channel) multiply-add on the
-    normalised map, and the SiLU runs in place when no gradient is needed. The statistics
-    are accumulated in float32 by the GroupNorm kernel for every activation dtype (as
-    GroupNorm32 does in the reference code), so a bf16 copy of the net still normalises
-    over 4096 pixels without losing digits.
+    normalised map. The statistics are accumulated in float32 by the GroupNorm kernel for
+    every activation dtype (as GroupNorm32 does in the reference code), so a bf16 copy of
+    the net still normalises over 4096 pixels without losing digits.
     """
 
     def __init__(self, num_groups: int, channels: int, act: bool = True) -> None:
@@ -131,8 +85,11 @@ class NormAct(nn.Module):
         self.act = act
 
     def normalised(self, x: torch.Tensor) -> torch.Tensor:
-        """The affine-free GroupNorm of `x` (batch-invariant in inference)."""
-        return batch_invariant_group_norm(x, self.norm.num_groups, self.norm.eps)
+        """The affine-free GroupNorm of `x`."""
+        return F.group_norm(x, self.norm.num_groups, None, None, self.norm.eps)
+
+    def silu(self, h: torch.Tensor) -> torch.Tensor:
+        return F.silu(h)
 
     def coefficients(
         self, n: int, scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -151,23 +108,7 @@ class NormAct(nn.Module):
         w, b = self.coefficients(x.shape[0], scale_shift)
         w4, b4 = w.to(x.dtype)[:, :, None, None], b.to(x.dtype)[:, :, None, None]
         h = torch.addcmul(b4, self.normalised(x), w4)
-        if not self.act:
-            return h
-        return F.silu(h, inplace=not torch.is_grad_enabled())
-
-
-def norm_then_conv(
-    norm: NormAct,
-    conv: nn.Module,
-    x: torch.Tensor,
-    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """conv(norm(x, scale_shift)); a convolution that takes the norm into its own input pass
-    (the int8 one: normalise, activate and quantise in one fused kernel) is given the chance."""
-    fused = getattr(conv, "forward_after_norm", None)
-    if fused is not None:
-        return fused(norm, x, scale_shift)
-    return conv(norm(x, scale_shift))
+        return self.silu(h) if self.act else h
 
 
 class Downsample(nn.Module):
@@ -217,7 +158,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip: nn.Module = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else Pointwise(channels, out_channels)
         )
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,24 +169,18 @@ class ResBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_norm(x)
         if self.up or self.down:
             # Resample after the norm but before the conv, as BigGAN's up/down blocks do.
-            h = self.in_conv(self._resample(self.in_norm(x)))
-            x = self._resample(x)
-        else:
-            h = norm_then_conv(self.in_norm, self.in_conv, x)
-        emb_out = rowwise_linear(self.emb_proj, F.silu(emb).to(param_dtype(self.emb_proj))).to(h.dtype)
-        scale_shift = None
+            h, x = self._resample(h), self._resample(x)
+        h = self.in_conv(h)
+        emb_out = self.emb_proj(F.silu(emb).to(param_dtype(self.emb_proj))).to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            scale_shift = (scale, shift)
+            h = self.out_norm(h, (scale, shift))
         else:
-            h = h + emb_out[:, :, None, None]
-        if self.training and self.dropout.p > 0:
-            h = self.out_conv(self.dropout(self.out_norm(h, scale_shift)))
-        else:
-            h = norm_then_conv(self.out_norm, self.out_conv, h, scale_shift)
-        return pointwise(self.skip, x) + h
+            h = self.out_norm(h + emb_out[:, :, None, None])
+        return self.skip(x) + self.out_conv(self.dropout(h))
 
 
 class AttentionBlock(nn.Module):
@@ -263,8 +198,8 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"{channels} channels are not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.norm = NormAct(num_groups, channels, act=False)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+        self.qkv = Pointwise(channels, 3 * channels)
+        self.proj_out = zero_module(Pointwise(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = x.shape
@@ -272,11 +207,11 @@ class AttentionBlock(nn.Module):
         # Positions as tokens: (N, H·W, C) is a free view of a channels_last map, and the 1×1
         # convolutions become plain matmuls, which oneDNN runs far faster than 1×1 convs here.
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, length, c)
-        qkv = project(self.qkv, tokens)
+        qkv = self.qkv.project(tokens)
         q, k, v = qkv.view(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)  # (N, heads, H·W, C/heads)
         a = a.transpose(1, 2).reshape(n, length, c)
-        out = project(self.proj_out, a)
+        out = self.proj_out.project(a)
         return x + out.view(n, hh, ww, c).permute(0, 3, 1, 2)
 
 
@@ -372,8 +307,7 @@ class UNetModel(nn.Module):
         # Each part runs in its own parameters' dtype, so a reduced-precision copy of the
         # body can keep the cheap, precision-sensitive embedding MLP and head in float32.
         emb_in = timestep_embedding(t, self.cfg.model_channels)
-        lin1, act, lin2 = self.time_embed
-        emb = rowwise_linear(lin2, act(rowwise_linear(lin1, emb_in.to(param_dtype(self.time_embed)))))
+        emb = self.time_embed(emb_in.to(param_dtype(self.time_embed)))
         h = x.to(self.dtype)
         skips = []
         for block in self.input_blocks:
@@ -382,9 +316,4 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        h = self.out_norm(h.to(param_dtype(self.out_conv)))
-        if torch.is_grad_enabled() or h.dtype != torch.float32:
-            return self.out_conv(h)
-        # float32 convolution kernels are chosen by batch size (bf16 ones are not, here);
-        # the head is a small share of the work, so run it per sample in inference.
-        return torch.cat([self.out_conv(h[i : i + 1]) for i in range(h.shape[0])])
+        return self.out_conv(self.out_norm(h.to(param_dtype(self.out_conv))))

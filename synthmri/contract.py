@@ -17,7 +17,6 @@ from pydantic_core import PydanticCustomError
 from synthmri.channels import CHANNEL_SETS
 
 TASK_SAMPLE_RANGE = "synthmri.sample_range"
-TASK_FINALIZE_JOB = "synthmri.finalize_job"
 QUEUE = "synthmri"
 
 # Mirrors model.samplers.DEFAULT_STEPS (tests/api/test_contract.py asserts they agree);

@@ -10,6 +10,9 @@ Layout (all keys under `synthmri:`):
   model-faults       hash  checkpoint sha256 → why a worker could not load it
   stats:*            counters read by /metrics (shared by every API process)
 
+One key outside the prefix belongs to the broker: `BROKER_UNACKED_INDEX`, kombu's index of
+unacknowledged deliveries, whose entries `renew_delivery` refreshes for running tasks.
+
 Every write is safe to repeat. A call whose answer was lost (Redis stalled past the
 client's timeout, then executed the command anyway) may be sent again by the worker's
 outage handling, so state changes go through Lua scripts that treat "already there" as
@@ -38,6 +41,11 @@ STATS_SAMPLES = PREFIX + "stats:samples"
 STATS_LATENCY = PREFIX + "stats:latency"
 LATENCY_BUCKETS: tuple[float, ...] = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 JOB_KEY_SUFFIXES = ("", ":progress", ":ranges", ":finalize")
+
+# kombu's Redis transport (ack emulation) keeps each unacknowledged delivery in a sorted set
+# scored by delivery time, at the key its `unacked_index_key` transport option names (the
+# worker sets it to this); its sweep hands back entries older than the visibility timeout.
+BROKER_UNACKED_INDEX = "unacked_index"
 
 # The errors that mean "Redis did not answer", as opposed to a bad command or bad data.
 STORE_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
@@ -266,6 +274,16 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, timeout: float = 10.0) -> JobStore:
         return cls(worker_client(url, timeout))
+
+    # -- broker leases ---------------------------------------------------------
+    def renew_delivery(self, delivery_tag: str) -> bool:
+        """Restart the visibility timeout of an unacknowledged broker delivery (a running task),
+        so kombu's sweep does not hand it to a second worker. False when kombu holds no such
+        delivery any more: acknowledged, or already handed back."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(BROKER_UNACKED_INDEX, {delivery_tag: time.time()}, xx=True)
+        pipe.zscore(BROKER_UNACKED_INDEX, delivery_tag)
+        return pipe.execute()[1] is not None
 
     # -- records ---------------------------------------------------------------
     def create(self, spec: JobSpec, ttl_seconds: int, max_active: int = -1) -> int | None:

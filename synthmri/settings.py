@@ -29,7 +29,7 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="Redis URL: Celery broker, Celery result backend and job records.",
+        description="Redis URL: Celery broker and job records.",
     )
     models_dir: Path = Field(
         default=Path("var/models"),

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The skip policy fails a run on any skip it does not expect; pytester lets its test run pytest.
+pytest_plugins = ["tests.skip_policy", "pytester"]
+
 TINY_SEED = 1234
 
 

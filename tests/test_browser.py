@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from synthmri.localstack import LocalStack
+from tests.skip_policy import NO_CHROMIUM
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +35,6 @@ FORM = (
     {"channels": "t1+t1ce+t2+flair+seg", "count": "3", "seed": "7", "sampler": "", "steps": ""}
     if UPDATE_DOCS
     else {"channels": "t1ce+seg", "count": "3", "seed": "7", "sampler": "ddim", "steps": "3"}
-)
-HOW_TO_ENABLE = (
-    "no headless browser: install Debian's Chromium and its driver to run this test "
-    "(sudo apt-get install chromium chromium-driver; .ci/run does it)"
 )
 
 
@@ -59,7 +56,7 @@ def stack(tmp_path: Path, tiny_checkpoint_readonly: Path) -> Iterator[LocalStack
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(HOW_TO_ENABLE)
+        pytest.skip(NO_CHROMIUM)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.skip_policy import FRESH_CLONE_OPT_IN, NO_QUICKSTART_VENV
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "quickstart"
 STAMPS = [ROOT / ".venv" / ".synthmri-installed", ROOT / ".venv" / ".synthmri-installed[dev]"]
@@ -39,7 +41,7 @@ def test_quickstart_is_valid_bash_and_refuses_unknown_commands() -> None:
 
 def test_quickstart_up_passes_its_arguments_to_synthmri_up() -> None:
     if not _installed():
-        pytest.skip("the .venv is not installed by ./quickstart yet; running it here would reinstall")
+        pytest.skip(NO_QUICKSTART_VENV)
     r = subprocess.run(
         [str(QUICKSTART), "up", "--port", "70000"], capture_output=True, text=True, timeout=60, cwd="/"
     )
@@ -51,9 +53,8 @@ def test_quickstart_up_passes_its_arguments_to_synthmri_up() -> None:
 def test_fresh_clone_installs_and_collects_the_tests(tmp_path: Path) -> None:
     """git clone → ./quickstart test --co: a new .venv, every dependency, every test importable."""
     if os.environ.get("SYNTHMRI_TEST_FRESH_CLONE") != "1":
-        pytest.skip("takes minutes and a package index: set SYNTHMRI_TEST_FRESH_CLONE=1 to run it")
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+        pytest.skip(FRESH_CLONE_OPT_IN)
+    assert shutil.which("git") is not None, "the fresh-clone check needs git"
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}

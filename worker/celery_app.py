@@ -1,4 +1,4 @@
-"""The Celery app of the GPU workers: Redis broker and result backend, tuned for long tasks.
+"""The Celery app of the GPU workers: a Redis broker, no result backend, tuned for long tasks.
 
 Run one process per GPU with the solo pool:
     celery -A worker.celery_app:app worker --pool solo -n gpu0@%h      (CUDA_VISIBLE_DEVICES=0)
@@ -21,8 +21,8 @@ from typing import Any
 from celery import Celery, signals
 
 from synthmri import __version__
-from synthmri.contract import JOB_ID_PATTERN, QUEUE, TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE, JobState
-from synthmri.jobstore import STORE_ERRORS, WORKER_HEARTBEAT_PREFIX, JobStore
+from synthmri.contract import JOB_ID_PATTERN, QUEUE, TASK_SAMPLE_RANGE, JobState
+from synthmri.jobstore import BROKER_UNACKED_INDEX, STORE_ERRORS, WORKER_HEARTBEAT_PREFIX, JobStore
 from synthmri.outputs.layout import read_expiry
 from synthmri.settings import Settings, get_settings
 
@@ -38,16 +38,16 @@ UNQUEUED_GRACE_SECONDS = 30.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings for tasks that hold a GPU for seconds to minutes."""
+    """Celery settings for tasks that hold a GPU for seconds to minutes.
+
+    No result backend: tasks report through the job store, and nothing reads task results.
+    """
     return {
         "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
-        "result_expires": settings.result_ttl_seconds,
         "task_default_queue": QUEUE,
-        "task_routes": {TASK_SAMPLE_RANGE: {"queue": QUEUE}, TASK_FINALIZE_JOB: {"queue": QUEUE}},
+        "task_routes": {TASK_SAMPLE_RANGE: {"queue": QUEUE}},
         "task_serializer": "json",
         "accept_content": ["json"],
-        "result_serializer": "json",
         # Ack after the task ran, and hand it back if the process died: a crash loses no work.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -60,18 +60,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # compose it would only be restarted into the same wait).
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # Jobs report through the job store; a result write is one more Redis call that could
-        # fail after the work is done.
-        "task_ignore_result": True,
         "broker_transport_options": {
             # A running task renews its lease (worker.tasks.Lease), so the visibility timeout
             # only needs to cover the gap between renewals, and a dead worker's task returns
             # after visibility + one sweep (kombu 5.7 default: 3600 s + 100 s).
             "visibility_timeout": settings.visibility_timeout_seconds,
+            # Named here, not left to kombu's default, because the lease writes to it.
+            "unacked_index_key": BROKER_UNACKED_INDEX,
             "unacked_restore_interval": settings.unacked_restore_interval_seconds,
             "unacked_restore_throttle": 2,
         },
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_seconds},
     }
 
 

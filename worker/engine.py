@@ -277,7 +277,8 @@ def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str
     try:
         missing = [i for i in range(rec.spec.count) if not part_path(directory, i).exists()]
         if missing:
-            # A range was marked done but its files are gone (e.g. results dir wiped): redo it.
+            # A range was marked done but its files are gone (e.g. the results directory was wiped).
+            # Its task is acknowledged and will not run again, so the job fails with the reason.
             raise JobError(f"samples {missing[:5]} are missing from the results directory")
         finalize(rec.spec, directory, settings=settings, started_at=rec.started_at)
     except STORE_ERRORS:

@@ -1,4 +1,4 @@
-"""Celery tasks: `synthmri.sample_range(job_id, start, stop)` and `synthmri.finalize_job(job_id)`.
+"""The Celery task `synthmri.sample_range(job_id, start, stop)`; its last range finalises the job.
 
 Task bodies only hold a lease and call the engine through `run_task`; ids travel
 through the broker, arrays never do.
@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from functools import lru_cache
 from types import TracebackType
 from typing import Any
 
-from celery import signals
 from celery.exceptions import Reject
 
-from synthmri.contract import TASK_FINALIZE_JOB, TASK_SAMPLE_RANGE, JobState
+from synthmri.contract import TASK_SAMPLE_RANGE, JobState
 from synthmri.jobstore import STORE_ERRORS, JobStore
 from worker import engine
 from worker.celery_app import app, settings
@@ -27,43 +25,46 @@ from worker.outage import RedisAway, run_through_outages, worker_stopping
 log = logging.getLogger("synthmri.worker")
 INTERNAL_ERROR = "internal error in the worker (its log has details); submit the job again"
 
-# kombu's Redis transport keeps unacked deliveries in a sorted set scored by delivery time;
-# a sweep hands back entries older than the visibility timeout.
-UNACKED_INDEX_KEY = "unacked_index"
-
-_delivery_tags: dict[str, str] = {}
-
-
-@signals.task_received.connect
-def _remember_delivery_tag(request: Any = None, **_: Any) -> None:
-    """The task body cannot see its broker delivery tag; the worker's request object can."""
-    if request is not None and request.message is not None:
-        _delivery_tags[request.id] = request.message.delivery_tag
-
 
 @lru_cache(maxsize=1)
 def store() -> JobStore:
     return JobStore.from_url(settings.redis_url, timeout=settings.worker_redis_timeout_seconds)
 
 
-class Lease:
-    """Keeps a running task's delivery fresh in kombu's unacked index.
+def delivery_tag(request: Any) -> str | None:
+    """The broker delivery tag of the running task (None when it was not delivered by a broker).
 
-    A task may run longer than the visibility timeout; renewing the delivery's score
-    every visibility/4 s stops a sweep from handing it to a second worker, while a
-    killed worker stops renewing and its task returns after one visibility timeout.
+    kombu's virtual transports put it in the message properties, which Celery hands to the
+    task as `request.properties`.
+    """
+    tag = (getattr(request, "properties", None) or {}).get("delivery_tag")
+    return str(tag) if tag else None
+
+
+class Lease:
+    """Keeps a running task's delivery from being handed to a second worker.
+
+    A task may run longer than the visibility timeout; renewing its delivery every
+    `period` s (visibility/4) stops kombu's sweep from redelivering it, while a killed
+    worker stops renewing and its task returns after one visibility timeout. A renewal
+    that cannot reach Redis is retried at the next period: the task itself waits out the
+    outage (worker.outage), and a redelivery in the meantime only repeats idempotent work.
     """
 
-    def __init__(self, task_id: str | None) -> None:
-        self.tag = _delivery_tags.pop(task_id, None) if task_id else None
-        self.period = settings.visibility_timeout_seconds / 4
+    def __init__(self, job_store: JobStore, tag: str | None, period: float) -> None:
+        self.store, self.tag, self.period = job_store, tag, period
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="synthmri-lease", daemon=True)
 
     def _run(self) -> None:
+        assert self.tag is not None
         while not self.done.wait(self.period):
-            with contextlib.suppress(Exception):
-                store().r.zadd(UNACKED_INDEX_KEY, {str(self.tag): time.time()}, xx=True)
+            try:
+                if not self.store.renew_delivery(self.tag):
+                    log.warning("delivery %s is no longer pending in the broker; its lease ends", self.tag)
+                    return
+            except STORE_ERRORS:
+                log.warning("could not renew the lease of delivery %s: Redis unreachable", self.tag)
 
     def __enter__(self) -> Lease:
         if self.tag:
@@ -107,27 +108,5 @@ def sample_range(self: Any, job_id: str, start: int, stop: int) -> str:
     def work() -> str:
         return engine.process_range(store(), settings, job_id, int(start), int(stop), holder)
 
-    with Lease(holder):
+    with Lease(store(), delivery_tag(self.request), settings.visibility_timeout_seconds / 4):
         return run_task(job_id, f"job {job_id} range [{start}, {stop})", work)
-
-
-@app.task(name=TASK_FINALIZE_JOB, bind=True)
-def finalize_job(self: Any, job_id: str) -> str:
-    """Finalise a job whose ranges are all in (normally done by its last range task)."""
-    holder = self.request.id
-
-    def work() -> str:
-        rec = store().get(job_id)
-        if rec is None:
-            return "skipped: unknown or expired job"
-        missing = [
-            s
-            for s, e in rec.spec.ranges()
-            if engine.missing_indices(rec.spec, engine.job_dir(settings, job_id), s, e)
-        ]
-        if missing:
-            return f"skipped: ranges starting at {missing} are not complete"
-        return engine.maybe_finalize(store(), settings, job_id, holder)
-
-    with Lease(holder):
-        return run_task(job_id, f"finalising job {job_id}", work)

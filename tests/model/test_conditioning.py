@@ -80,3 +80,12 @@ def test_bad_shapes_are_refused() -> None:
         KnownChannels(lambda x, t: x, d, torch.zeros(2, C, H, H), torch.ones(4))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         KnownChannels(lambda x, t: x, d, torch.zeros(2, C, H, H), torch.tensor([2.0, 0, 0]))
+
+
+def test_known_channels_keep_no_autograd_graph_of_a_plain_module() -> None:
+    d = _diffusion("eps")
+    conv = torch.nn.Conv2d(C, 2 * C, 1)  # parameters require grad, as an untouched network's do
+    x = _slices()
+    wrapped = KnownChannels(lambda x_t, t: conv(x_t), d, x, torch.tensor([1.0, 0.0, 0.0]))
+    out = wrapped(x, torch.full((4,), 500))
+    assert not out.requires_grad and out.grad_fn is None

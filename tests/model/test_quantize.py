@@ -18,8 +18,9 @@ from model.inference import prepare_for_inference, resolve_precision, resolved_p
 from model.quantize import Int8Conv2d, Int8Linear, int8_supported
 from model.samplers import sample_ddim
 from model.unet import AttentionBlock, NormAct, ResBlock, UNetModel
+from tests.skip_policy import NO_VNNI
 
-needs_int8 = pytest.mark.skipif(not int8_supported(), reason="this CPU has no VNNI int8 kernels")
+needs_int8 = pytest.mark.skipif(not int8_supported(), reason=NO_VNNI)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, seed: int = 0) -> nn.Conv2d:

@@ -407,3 +407,40 @@ def test_v_prediction_samples_equal_eps_prediction_samples(name: str, steps: int
     # and they are the known slices: each sample is within 0.05 of one of them
     nearest = torch.cdist(out["v"].flatten(1), slices.flatten(1)).min(dim=1).values / 6
     assert nearest.max().item() < 0.05
+
+
+# ---------------------------------------------------------------------------- grad context
+def _plain_tiny_unet() -> tuple[torch.nn.Module, GaussianDiffusion]:
+    """A `tiny` UNetModel as a plain nn.Module (parameters require grad), output head not zero."""
+    from model.config import get_preset
+    from model.unet import UNetModel
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    net = UNetModel(preset.model).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1 and not p.any():
+                p.copy_(torch.randn_like(p) * 0.05)
+    return net, GaussianDiffusion.from_config(preset.diffusion)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"), [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++", {}), ("dpm++sde", {})]
+)
+def test_samplers_keep_no_graph_and_ignore_the_callers_grad_context(name: str, kw: dict) -> None:
+    """A plain nn.Module keeps no autograd graph, and the UNet's inference-only kernels (chosen by
+    grad state) run whether or not the caller opened a no-grad context: bit-identical results."""
+    net, d = _plain_tiny_unet()
+    x_T = torch.randn(3, net.cfg.in_channels, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def run() -> torch.Tensor:
+        return S.SAMPLERS[name](net, d, x_T, steps=3, noise=_torch_noise(2), **kw)
+
+    plain = run()
+    with torch.no_grad():
+        no_grad = run()
+    with torch.inference_mode():
+        inference = run()
+    assert not plain.requires_grad and plain.grad_fn is None
+    assert torch.equal(plain, no_grad) and torch.equal(plain, inference)

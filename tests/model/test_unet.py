@@ -16,8 +16,10 @@ from benchmarks.sampling import ISSUE_64
 from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceModel, cpu_has_native_bf16, prepare_for_inference, resolve_precision
+from model.inference_modules import batch_invariant_group_norm
 from model.samplers import sample_ddim
-from model.unet import AttentionBlock, ResBlock, UNetModel, batch_invariant_group_norm, timestep_embedding
+from model.unet import AttentionBlock, ResBlock, UNetModel, timestep_embedding
+from tests.skip_policy import NO_BF16
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -156,7 +158,7 @@ def test_forward_is_batch_invariant_within_tolerance() -> None:
 # ---------------------------------------------------------------------------- optimised inference path
 needs_bf16 = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-    reason="this CPU has no bf16 convolution kernels",
+    reason=NO_BF16,
 )
 
 

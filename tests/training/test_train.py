@@ -16,6 +16,7 @@ from model.inference import cpu_has_native_bf16
 from model.unet import UNetModel
 from training.config import TrainConfig, preset_config
 from training.ema import EMA
+from training.phantoms import write_phantoms
 from training.schedule import get_lr
 from training.train import (
     accumulate_gradients,
@@ -142,15 +143,13 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    phantoms = pytest.importorskip("training.phantoms")
     out = tmp_path_factory.mktemp("phantoms")
-    phantoms.write_phantoms(out, 3, 0)
+    write_phantoms(out, 3, 0)
     return out
 
 
 def test_cli_trains_on_phantoms_and_writes_a_loadable_checkpoint(phantom_dir: Path, tmp_path: Path) -> None:
     """End to end through the real loader: checkpoint, metrics, loss curve, sample grid."""
-    pytest.importorskip("training.dataset")
     from PIL import Image
 
     from model.checkpoint import load_checkpoint

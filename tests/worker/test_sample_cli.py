@@ -15,6 +15,7 @@ from PIL import Image
 
 from synthmri.cli import main
 from synthmri.hashing import checkpoint_sha256
+from tests.skip_policy import HAS_CUDA
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -168,7 +169,7 @@ def test_cuda_unavailable(
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+        pytest.skip(HAS_CUDA)
     argv = ["sample", "--model", str(tiny_checkpoint_readonly), "--count", "1", "--seed", "1"]
     assert main([*argv, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert "no CUDA device is available" in capsys.readouterr().err
