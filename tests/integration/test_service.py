@@ -46,7 +46,8 @@ def test_job_end_to_end_outputs(api: Api, stack: Any) -> None:
     assert r.status_code == 202, r.text
     created = r.json()
     assert r.headers["location"] == f"/v1/jobs/{created['id']}"
-    assert created["state"] == "queued" and created["seed"] == 11 and created["steps"] == 4
+    # A free worker may pick the job up before the API reads it back.
+    assert created["state"] in ("queued", "running") and created["seed"] == 11 and created["steps"] == 4
     job = api.wait(created["id"])
     assert job["state"] == "succeeded", job
     assert job["progress"] == {"samples_done": 3, "samples_total": 3, "fraction": 1.0}
