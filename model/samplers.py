@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -216,6 +217,48 @@ def dpmpp_2m_step(
     return (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * d
 
 
+def _dpmpp_multistep(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    x_T: Tensor,
+    step: Callable[..., Tensor],
+    *,
+    steps: int,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+    spacing: str,
+    clip_denoised: bool,
+) -> Tensor:
+    """The DPM-Solver++ loop over the log-SNR grid; `step` moves x from one λ to the next.
+
+    The first step has no history; the last (to λ = ∞, i.e. t = 0) returns x̂_0 itself,
+    the limit of every update there.
+    """
+    d = diffusion.respace(dpmpp_timesteps(diffusion, int(steps), spacing))
+    n = d.num_timesteps
+    ab = d.alphas_cumprod
+    alpha, sigma, lam = ab.sqrt().tolist(), (1 - ab).sqrt().tolist(), log_snr(ab).tolist()
+    x = _as_float32(x_T)
+    x0_prev: Tensor | None = None
+    h_prev: float | None = None
+    for done, i in enumerate(reversed(range(n))):
+        _check_stop(should_stop, done, n)
+        out, t = _model_output(model_fn, d, x, i)
+        x0, _ = d.predict_xstart_and_eps(out, x, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        if i == 0:
+            x = x0
+        else:
+            h = lam[i - 1] - lam[i]
+            x = step(x, x0, x0_prev, sigma=sigma[i], sigma_next=sigma[i - 1], alpha_next=alpha[i - 1],
+                     h=h, h_prev=h_prev)  # fmt: skip
+            x0_prev, h_prev = x0, h
+        if progress is not None:
+            progress(done + 1, n)
+    return x
+
+
 @torch.inference_mode()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
@@ -235,38 +278,10 @@ def sample_dpmpp_2m(
     first order. `noise` is unused: the solver integrates the probability-flow ODE.
     """
     del noise
-    d = diffusion.respace(dpmpp_timesteps(diffusion, int(steps), spacing))
-    n = d.num_timesteps
-    ab = d.alphas_cumprod
-    alpha, sigma, lam = ab.sqrt().tolist(), (1 - ab).sqrt().tolist(), log_snr(ab).tolist()
-    x = _as_float32(x_T)
-    x0_prev: Tensor | None = None
-    h_prev: float | None = None
-    for done, i in enumerate(reversed(range(n))):
-        _check_stop(should_stop, done, n)
-        out, t = _model_output(model_fn, d, x, i)
-        x0, _ = d.predict_xstart_and_eps(out, x, t)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        if i == 0:
-            # λ_next = ∞: the first-order update's limit is x̂_0 itself.
-            x = x0
-        else:
-            h = lam[i - 1] - lam[i]
-            x = dpmpp_2m_step(
-                x,
-                x0,
-                x0_prev,
-                sigma=sigma[i],
-                sigma_next=sigma[i - 1],
-                alpha_next=alpha[i - 1],
-                h=h,
-                h_prev=h_prev,
-            )
-            x0_prev, h_prev = x0, h
-        if progress is not None:
-            progress(done + 1, n)
-    return x
+    return _dpmpp_multistep(
+        model_fn, diffusion, x_T, dpmpp_2m_step,
+        steps=steps, progress=progress, should_stop=should_stop, spacing=spacing, clip_denoised=clip_denoised,
+    )  # fmt: skip
 
 
 def dpmpp_2m_sde_step(
@@ -312,29 +327,14 @@ def sample_dpmpp_2m_sde(
     correcting the path as ancestral sampling does (at 20 steps), where the deterministic
     ODE carries early errors to the end — e.g. stray pixels in a label channel.
     """
-    d = diffusion.respace(dpmpp_timesteps(diffusion, int(steps), spacing))
-    n = d.num_timesteps
-    ab = d.alphas_cumprod
-    alpha, sigma, lam = ab.sqrt().tolist(), (1 - ab).sqrt().tolist(), log_snr(ab).tolist()
-    x = _as_float32(x_T)
-    x0_prev: Tensor | None = None
-    h_prev: float | None = None
-    for done, i in enumerate(reversed(range(n))):
-        _check_stop(should_stop, done, n)
-        out, t = _model_output(model_fn, d, x, i)
-        x0, _ = d.predict_xstart_and_eps(out, x, t)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        if i == 0:
-            x = x0
-        else:
-            h = lam[i - 1] - lam[i]
-            x = dpmpp_2m_sde_step(x, x0, x0_prev, noise(x), sigma=sigma[i], sigma_next=sigma[i - 1],
-                                  alpha_next=alpha[i - 1], h=h, h_prev=h_prev)
-            x0_prev, h_prev = x0, h
-        if progress is not None:
-            progress(done + 1, n)
-    return x
+
+    def step(x: Tensor, x0: Tensor, x0_prev: Tensor | None, **grid: Any) -> Tensor:
+        return dpmpp_2m_sde_step(x, x0, x0_prev, noise(x), **grid)
+
+    return _dpmpp_multistep(
+        model_fn, diffusion, x_T, step,
+        steps=steps, progress=progress, should_stop=should_stop, spacing=spacing, clip_denoised=clip_denoised,
+    )  # fmt: skip
 
 
 SamplerFn = Callable[..., Tensor]
