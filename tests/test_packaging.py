@@ -285,11 +285,11 @@ def test_web_page_is_self_contained_and_knows_the_channel_sets() -> None:
     assert js_sets and re.findall(r"\"([^\"]+)\"", js_sets.group(1)) == list(CHANNEL_SETS)
 
 
-def test_readme_documents_every_setting_with_its_default() -> None:
-    """The README's configuration table has one row per Settings field, with the real default."""
+def test_configuration_page_documents_every_setting_with_its_default() -> None:
+    """docs/configuration.md has one row per Settings field, with the real default."""
     from synthmri.settings import Settings
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     rows = {
         m.group(1): m.group(2)
         for m in re.finditer(r"^\| `(SYNTHMRI_\w+)` \| (.*?) \| .+ \|$", readme, flags=re.M)
@@ -297,12 +297,12 @@ def test_readme_documents_every_setting_with_its_default() -> None:
     fields = Settings.model_fields
     for name, info in fields.items():
         env = f"SYNTHMRI_{name.upper()}"
-        assert env in rows, f"README.md's configuration table has no row for {env}"
+        assert env in rows, f"docs/configuration.md has no row for {env}"
         default = info.default
         shown = "*(empty)*" if default in ("", frozenset()) else f"`{default}`"
-        assert rows[env] == shown, f"README.md shows {env} default {rows[env]}, settings.py has {shown}"
+        assert rows[env] == shown, f"docs/configuration.md: {env} default {rows[env]}, settings.py: {shown}"
     unknown = set(rows) - {f"SYNTHMRI_{n.upper()}" for n in fields}
-    assert not unknown, f"README.md documents settings that do not exist: {sorted(unknown)}"
+    assert not unknown, f"docs/configuration.md documents settings that do not exist: {sorted(unknown)}"
 
 
 def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
@@ -315,6 +315,8 @@ def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
     assert ci[-1] == "./quickstart test", ".ci/run must end by running command 2 exactly"
     for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme):
         assert (ROOT / picture).is_file(), f"README.md shows {picture}, which is not in the repo"
+    for target in re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", readme):
+        assert (ROOT / target).is_file(), f"README.md links to {target}, which is not in the repo"
 
 
 # Package → packages it must never import (ARCHITECTURE.md, "Packages"): code that two
