@@ -317,7 +317,7 @@ def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
         assert (ROOT / picture).is_file(), f"README.md shows {picture}, which is not in the repo"
 
 
-# Package → packages it must never import (ARCHITECTURE.md, "Packages"): code that two
+# Package → packages it must never import (docs/INTERFACES.md, "Import rule"): code that two
 # packages need lives in the lower one, so worker and training never import each other,
 # and the torch-free core imports none of the packages built on it.
 FORBIDDEN_IMPORTS = {
