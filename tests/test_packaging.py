@@ -358,3 +358,20 @@ def test_forbidden_imports_are_found_inside_functions(tmp_path: Path) -> None:
         "training/plots.py imports worker.writers.write_grid",
         "worker/engine.py imports training.train",
     ]
+
+
+def test_license_and_citation_agree_with_the_package() -> None:
+    """LICENSE, CITATION.cff, pyproject.toml and synthmri.__version__ name one license and version."""
+    import tomllib
+
+    from synthmri import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["version"] == __version__
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 The SynthMRI authors\n")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["title"] == "SynthMRI" and cff["message"]
+    assert cff["version"] == __version__ and cff["license"] == project["license"]
+    assert cff["authors"] == [{"name": "The SynthMRI authors"}]
+    for ref in cff["references"]:
+        assert ref["type"] and ref["title"] and ref["authors"] and isinstance(ref["year"], int), ref
