@@ -368,7 +368,8 @@ def test_license_and_citation_agree_with_the_package() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT" and project["version"] == __version__
-    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 The SynthMRI authors\n")
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n\nCopyright (c) 2026 The SynthMRI authors\n")
     cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert cff["cff-version"] == "1.2.0" and cff["title"] == "SynthMRI" and cff["message"]
     assert cff["version"] == __version__ and cff["license"] == project["license"]
