@@ -3,7 +3,7 @@
     python -m benchmarks.sampling [--quick] [--device cpu|cuda] [--sizes 64,128] [--batches 1,8,32]
                                   [--reference /path/to/improved-diffusion] [--compile] [--int8]
 
-For the issue-2 architecture (2 channels, 128 base channels, 3 res blocks, attention at
+For the research 2-channel architecture (128 base channels, 3 res blocks, attention at
 16² and 8², 4 heads, learned σ; channel_mult (1,2,3,4) at 64² = 121 M parameters and
 (1,1,2,3,4) at 128²) it prints, per image size and batch size, images·steps/s (one
 step = one network evaluation on the whole batch, what a sampler step costs) and the
@@ -12,7 +12,7 @@ peak memory of one step, for:
 - `optimised`: `model.inference.prepare_for_inference(model, device)` defaults;
 - `int8` (only with --int8): the same with precision="int8" (opt-in; CPUs with VNNI);
 - `reference` (only with --reference): openai/improved-diffusion's own UNetModel,
-  imported from a local checkout, float32 eager — the yardstick of the issue.
+  imported from a local checkout, float32 eager — the yardstick we compare against.
 Paths are timed in interleaved rounds (eager, optimised, eager, …) and the ratio is the
 median of per-round ratios, so load from other processes on a shared CPU hits both
 sides alike. Absolute numbers on a shared machine are noisy; the ratios much less so.
@@ -41,7 +41,8 @@ from model.unet import UNetModel
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-ISSUE_64 = ModelConfig(
+# openai/improved-diffusion's 64² architecture with 2 channels (T1CE + mask): 121 M parameters.
+RESEARCH_2CH_64 = ModelConfig(
     image_size=64,
     in_channels=2,
     out_channels=4,
@@ -51,8 +52,8 @@ ISSUE_64 = ModelConfig(
     attention_resolutions=(16, 8),
     num_heads=4,
 )
-ISSUE_128 = replace(ISSUE_64, image_size=128, channel_mult=(1, 1, 2, 3, 4))
-CONFIGS = {64: ISSUE_64, 128: ISSUE_128}
+RESEARCH_2CH_128 = replace(RESEARCH_2CH_64, image_size=128, channel_mult=(1, 1, 2, 3, 4))
+CONFIGS = {64: RESEARCH_2CH_64, 128: RESEARCH_2CH_128}
 
 
 def randomise_zero_layers(model: nn.Module, seed: int = 0) -> nn.Module:

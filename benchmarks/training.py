@@ -3,7 +3,7 @@
     python -m benchmarks.training [--quick] [--sizes 64,128] [--batch 4] [--compile]
                                   [--reference /path/to/improved-diffusion]
 
-Model: the issue's 2-channel config of openai/improved-diffusion (128 base channels,
+Model: the research 2-channel config of openai/improved-diffusion (128 base channels,
 3 res blocks, attention at 16 and 8 px, 4 heads; 121 M parameters at 64²), hybrid
 loss, learned σ, T = 1000. One "step" is what training/train.py does per optimiser
 step: micro-batched forward + backward (accumulate_gradients), grad clipping, AdamW,
@@ -12,10 +12,11 @@ the shared CPU hits both alike); peak memory is measured in a fresh process per 
 
 With --reference, openai/improved-diffusion's own training step (its UNetModel and
 GaussianDiffusion.training_losses with learned σ, AdamW, its update_ema), imported from a
-local checkout (never copied), is timed interleaved with ours: the yardstick of the issue.
-Without it, the issue author's numbers stand in (0.67 images/s at 64², batch 4, and 0.20
-at 128², 2 CPU cores). Absolute numbers on a shared CPU are noisy; the ratios are
-measured back to back in one run.
+local checkout (never copied), is timed interleaved with ours: the yardstick we compare against.
+Without it, fixed figures for improved-diffusion stand in (0.67 images/s at 64², batch 4,
+and 0.20 at 128², measured on another 2-core CPU), so only a run with --reference compares
+like with like. Absolute numbers on a shared CPU are noisy; the ratios are measured back to
+back in one run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-REFERENCE_IMAGES_PER_S = {64: 0.67, 128: 0.20}  # improved-diffusion, 2 CPU cores, batch 4
+REFERENCE_IMAGES_PER_S = {64: 0.67, 128: 0.20}  # improved-diffusion, another 2-core CPU, batch 4
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def model_config(size: int) -> Any:
 
 
 class ReferenceTrainer:
-    """openai/improved-diffusion's training step, from a local checkout: the issue's yardstick.
+    """openai/improved-diffusion's training step, from a local checkout: the yardstick we compare against.
 
     What its TrainLoop does per step on one process without fp16: training_losses with
     uniform t, mean loss, backward, AdamW (lr 1e-4, no weight decay), update_ema (0.9999).
@@ -226,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"training step (micro-batched fwd+bwd, clip, AdamW, EMA), batch {args.batch}, hybrid loss, "
-          f"issue config (121 M params at 64²), {torch.get_num_threads()} threads; best of {steps} "
-          f"interleaved steps after {warmup} warm-up; memory: own process per variant")
+          f"research 2-channel config (121 M params at 64²), {torch.get_num_threads()} threads; "
+          f"best of {steps} interleaved steps after {warmup} warm-up; memory: own process per variant")
     print(f"{'size':>5} {'variant':<18} {'images/s':>9} {'peak MiB':>9} {'vs eager':>9} "
           f"{'vs improved-diffusion':>22}")
     for size in sizes:
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size:>4}² {'improved-diffusion':<18} {ref:9.3f} {'-':>9} {ref / speeds[0]:8.2f}× "
                   f"{'1.00×':>22}", flush=True)
         else:
-            ref, ref_name = REFERENCE_IMAGES_PER_S[size], "the issue's number"
+            ref, ref_name = REFERENCE_IMAGES_PER_S[size], "measured earlier on another 2-core CPU"
         for v, ips in zip((EAGER, optimised), speeds, strict=False):
             mem = run_child({"kind": "memory", "variant": v.__dict__, "size": size,
                              "global_batch": args.batch, "micro_batch": args.batch})

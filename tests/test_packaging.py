@@ -319,7 +319,7 @@ def test_readme_quick_start_is_exactly_the_two_quickstart_commands() -> None:
         assert (ROOT / target).is_file(), f"README.md links to {target}, which is not in the repo"
 
 
-# Package → packages it must never import (ARCHITECTURE.md, "Packages"): code that two
+# Package → packages it must never import (docs/INTERFACES.md, "Import rule"): code that two
 # packages need lives in the lower one, so worker and training never import each other,
 # and the torch-free core imports none of the packages built on it.
 FORBIDDEN_IMPORTS = {
@@ -360,3 +360,21 @@ def test_forbidden_imports_are_found_inside_functions(tmp_path: Path) -> None:
         "training/plots.py imports worker.writers.write_grid",
         "worker/engine.py imports training.train",
     ]
+
+
+def test_license_and_citation_agree_with_the_package() -> None:
+    """LICENSE, CITATION.cff, pyproject.toml and synthmri.__version__ name one license and version."""
+    import tomllib
+
+    from synthmri import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["version"] == __version__
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n\nCopyright (c) 2026 The SynthMRI authors\n")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["title"] == "SynthMRI" and cff["message"]
+    assert cff["version"] == __version__ and cff["license"] == project["license"]
+    assert cff["authors"] == [{"name": "The SynthMRI authors"}]
+    for ref in cff["references"]:
+        assert ref["type"] and ref["title"] and ref["authors"] and isinstance(ref["year"], int), ref

@@ -161,8 +161,8 @@ def accumulate_gradients(
 
 def autocast_precision(device: torch.device, precision: str) -> str:
     """The precision name training autocasts to, chosen as for sampling (`auto`: bf16 on GPUs
-    that have it and on CPUs with bf16 dot products — 1.9× fp32 for the 121 M issue config on
-    Zen 5 — else fp16 on older GPUs, fp32 on other CPUs)."""
+    that have it and on CPUs with bf16 dot products — 1.9× fp32 for the 121 M research 2-channel
+    config on Zen 5 — else fp16 on older GPUs, fp32 on other CPUs)."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
     return resolved_precision_name(device, precision)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The 2-channel 64² research config of openai/improved-diffusion named in issue 2.
-from benchmarks.sampling import ISSUE_64
+# openai/improved-diffusion's 64² research architecture with 2 channels (121 M parameters).
+from benchmarks.sampling import RESEARCH_2CH_64
 from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceModel, cpu_has_native_bf16, prepare_for_inference, resolve_precision
@@ -37,9 +37,9 @@ def _tiny(**kw: object) -> UNetModel:
     return UNetModel(replace(PRESETS["tiny"].model, **kw))  # type: ignore[arg-type]
 
 
-def test_issue_config_parameter_count_matches_reference() -> None:
+def test_research_2ch_64_parameter_count_matches_improved_diffusion() -> None:
     with torch.device("meta"):
-        m = UNetModel(ISSUE_64)
+        m = UNetModel(RESEARCH_2CH_64)
     n = sum(p.numel() for p in m.parameters())
     # openai/improved-diffusion reports ~121 M for this config.
     assert abs(n - 121.06e6) < 0.1e6, n
@@ -98,14 +98,14 @@ def test_timestep_embedding_values() -> None:
 
 def test_attention_placement_follows_feature_map_size() -> None:
     with torch.device("meta"):
-        m = UNetModel(ISSUE_64)
+        m = UNetModel(RESEARCH_2CH_64)
     # 3 down blocks at 16 and 8, the middle at 8, 4 up blocks at 8 and 16.
     assert m.attention_sizes == [16] * 3 + [8] * 3 + [8] + [8] * 4 + [16] * 4
     assert sum(isinstance(mod, AttentionBlock) for mod in m.modules()) == 15
     heads = {mod.num_heads for mod in m.modules() if isinstance(mod, AttentionBlock)}
     assert heads == {4}
     with torch.device("meta"):
-        m64 = UNetModel(replace(ISSUE_64, num_head_channels=64))
+        m64 = UNetModel(replace(RESEARCH_2CH_64, num_head_channels=64))
     assert {mod.num_heads for mod in m64.modules() if isinstance(mod, AttentionBlock)} == {
         6,
         8,

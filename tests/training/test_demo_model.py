@@ -3,7 +3,11 @@ on phantom slices it has never seen far better than chance."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +23,39 @@ def test_shipped_demo_model_is_small_and_says_how_it_was_made() -> None:
     prov = ckpt.config.provenance
     assert ckpt.config.channel_set == "t1+t1ce+t2+flair+seg" and ckpt.config.image_size == 64
     assert prov["recipe"]["preset"] == "demo" and prov["steps"] >= 1000 and prov["demo"]["data"] == "phantoms"
+
+
+# An absolute POSIX or Windows path, a home directory, or a file URL.
+ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|file:)|(^|[\s=:'\"])/(home|root|tmp|work|Users|mnt|var)/")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_shipped_demo_config_records_no_machine_paths() -> None:
+    """config.json ships to every user (and is part of the checkpoint sha256): the machine
+    the demo was trained on must not show through it."""
+    config = json.loads((DEMO / "config.json").read_text())
+    paths = [s for s in _strings(config) if ABSOLUTE_PATH.search(s)]
+    assert paths == [], f"models/demo/config.json records machine paths: {paths}"
+
+
+def test_absolute_path_pattern_finds_paths_and_spares_names() -> None:
+    for path in ("/work/runs/demo", "/tmp/x", "~/data", "C:\\data", "file:///d", "data=/home/me/brats"):
+        assert ABSOLUTE_PATH.search(path), path
+    names = ("phantoms", "t1+t1ce+t2+flair+seg", "dpm++", "0.1.0+g5f1c74d13cd5", "2026-12-01T02:52:30+00:00")
+    for name in names:
+        assert not ABSOLUTE_PATH.search(name), name
 
 
 def test_shipped_demo_model_denoises_unseen_phantom_slices(tmp_path: Path) -> None:

@@ -164,6 +164,10 @@ def test_cli_trains_on_phantoms_and_writes_a_loadable_checkpoint(phantom_dir: Pa
     prov = ckpt.config.provenance
     assert prov["steps"] == 6 and prov["images_seen"] == 24 and len(prov["data_fingerprint"]) >= 8
     assert prov["recipe"]["micro_batch"] == 2 and prov["code_version"].startswith("0.")
+    # The checkpoint names its data folder, never this machine's paths (data, out, cache).
+    config_text = (out / "config.json").read_text()
+    assert prov["recipe"]["data"] == phantom_dir.name
+    assert str(phantom_dir) not in config_text and str(tmp_path) not in config_text
     auto_bf16 = cpu_has_native_bf16()  # "auto": bf16 channels_last where the CPU has bf16 dot products
     assert prov["precision"] == ("bf16" if auto_bf16 else "fp32") and prov["channels_last"] is auto_bf16
     state = torch.load(out / "train_state.pt", weights_only=False)
