@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from synthmri.localstack import REPO_ROOT
+
 Result = dict[str, Any]
 STEPS = 25
 BATCH = 32
@@ -190,7 +192,7 @@ def check_ddp(smoke: bool) -> Result:
                 "-m", "benchmarks.gpu_check", "--ddp-worker", out]  # fmt: skip
         t0 = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
         seconds = time.perf_counter() - t0
         weights = list(Path(out).rglob("model.safetensors"))
     if proc.returncode != 0 or not weights:
