@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from synthmri.contract import QUEUE, TASK_SAMPLE_RANGE, JobSpec
+from synthmri.jobstore import spec_batch_key
 from synthmri.settings import Settings
 
 
@@ -34,8 +35,10 @@ class TaskQueue:
         )
 
     def enqueue_job(self, spec: JobSpec) -> None:
-        """One task per contiguous index range, so every worker can take part of the job."""
+        """One task per contiguous index range, so every worker can take part of the job. Each
+        task names its batch index, where a worker that takes it looks for ranges to merge."""
+        kwargs = {"batch_key": spec_batch_key(spec)}
         with self.celery.producer_or_acquire() as producer:
             for start, stop in spec.ranges():
-                self.celery.send_task(TASK_SAMPLE_RANGE, args=[spec.id, start, stop], queue=QUEUE,
-                                      producer=producer)  # fmt: skip
+                self.celery.send_task(TASK_SAMPLE_RANGE, args=[spec.id, start, stop], kwargs=kwargs,
+                                      queue=QUEUE, producer=producer)  # fmt: skip

@@ -55,8 +55,11 @@ class AsyncJobStore:
         created, active = await self._create(keys=keys, args=args)
         return None if created else int(active)
 
-    async def confirm_queued(self, job_id: str) -> None:
-        await self.r.zrem(js.UNQUEUED, job_id)
+    async def confirm_queued(self, spec: JobSpec) -> None:
+        """See JobStore.confirm_queued."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            js.confirm_commands(pipe, spec)
+            await pipe.execute()
 
     async def fail(self, job_id: str, error: str) -> None:
         fields = {"finished_at": time.time(), "error": error}

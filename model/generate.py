@@ -7,7 +7,7 @@ it does not depend on the count, the batch size or its batch neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +45,56 @@ def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     return [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
 
 
+class BatchLimit:
+    """The largest sampling batch known to fit in device memory, learned from out-of-memory errors.
+
+    Starts unbounded; each out-of-memory halves the batch that failed and caps later batches at
+    the half that then fits. One per (model, device) in a worker process (worker.model_cache).
+    """
+
+    def __init__(self, cap: int | None = None) -> None:
+        self.cap = cap
+
+    def clamp(self, batch_size: int) -> int:
+        return batch_size if self.cap is None else max(1, min(batch_size, self.cap))
+
+    def shrink(self, failed: int) -> int:
+        """Record that a batch of `failed` rows ran out of memory; returns the size to try next."""
+        half = (failed + 1) // 2
+        self.cap = half if self.cap is None else min(self.cap, half)
+        return half
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device out-of-memory error (CUDA's, or any backend's `torch.OutOfMemoryError`)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, oom)
+
+
+def _free_cached_memory(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _masked(model_fn: Callable[..., torch.Tensor], group: list[int],
+            dropped: Callable[[], Collection[int]]) -> Callable[..., torch.Tensor]:
+    """`model_fn` that runs the network only on the rows of `group` still wanted; the others get
+    zeros (their samples are thrown away). Batch invariance keeps the wanted rows unchanged."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gone = dropped()
+        keep = [k for k, row in enumerate(group) if row not in gone]
+        if len(keep) == len(group) or not keep:
+            return model_fn(x, t)
+        index = torch.tensor(keep, device=x.device)
+        y = model_fn(x.index_select(0, index), t.index_select(0, index))
+        out = y.new_zeros((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, index.to(y.device), y)
+        return out
+
+    return fn
+
+
 @torch.inference_mode()
 def generate(
     ckpt: LoadedCheckpoint,
@@ -58,47 +108,101 @@ def generate(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     precision: str = "auto",
+    limit: BatchLimit | None = None,
 ) -> np.ndarray:
     """Sample `indices` of request `seed`; returns (N, C, H, W) float32 in [-1, 1].
 
     Progress is reported as (steps done, total steps) summed over all batches;
     `should_stop` is passed to the sampler, which raises `SamplingCancelled`.
     """
-    from model.samplers import SAMPLERS
+    rows = [(seed, int(i)) for i in indices]
+    return generate_rows(ckpt, rows, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                         progress=progress, should_stop=should_stop, precision=precision,
+                         limit=limit)  # fmt: skip
+
+
+@torch.inference_mode()
+def generate_rows(
+    ckpt: LoadedCheckpoint,
+    rows: Sequence[tuple[int, int]],
+    *,
+    sampler: str,
+    steps: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    precision: str = "auto",
+    limit: BatchLimit | None = None,
+    dropped: Callable[[], Collection[int]] | None = None,
+) -> np.ndarray:
+    """Sample rows given as (request seed, sample index), possibly of several requests; returns
+    (N, C, H, W) float32 in [-1, 1], row k for `rows[k]`.
+
+    Each row draws its noise from its own (seed, index) stream, so on a batch-invariant network
+    a row comes out the same whatever the rows around it. A batch that runs out of device
+    memory is split in halves and retried (fresh streams, so nothing changes), and `limit`
+    remembers the size that fit. Progress is (sample-steps done, all sample-steps). `dropped()`
+    names rows (positions in `rows`) no longer wanted: the network skips them, a batch of only
+    such rows is abandoned, and their output rows are zeros.
+    """
+    from model.samplers import SAMPLERS, SamplingCancelled
 
     n_steps = resolve_steps(sampler, steps)
-    groups = batches(indices, batch_size)
+    limit = limit or BatchLimit()
     cfg = ckpt.config
     shape = (len(cfg.channels), cfg.image_size, cfg.image_size)
+    if not rows:
+        return np.zeros((0, *shape), dtype=np.float32)
     model_fn = ckpt.model_fn(device, precision)
     sample_fn = SAMPLERS[sampler]
-
-    total = n_steps * len(groups)
-    out: list[np.ndarray] = []
-    for b, group in enumerate(groups):
-        noise = PerSampleNoise(seed, group)
-        # x_T is the first draw from each sample's stream; step noise continues the same stream.
-        x_T = noise.randn(shape, device=device)
+    out = np.zeros((len(rows), *shape), dtype=np.float32)
+    total = n_steps * len(rows)
+    finished = 0  # sample-steps of completed batches
+    pending = batches(range(len(rows)), limit.clamp(batch_size))
+    pending.reverse()
+    while pending:
+        group = pending.pop()
+        if dropped is not None and set(group) <= set(dropped()):
+            finished += n_steps * len(group)
+            continue
+        noise = PerSampleNoise.for_rows([rows[k] for k in group])
         batch_progress = None
         if progress is not None:
-            offset = b * n_steps
 
-            def batch_progress(done: int, _total: int, offset: int = offset) -> None:
-                progress(offset + done, total)
+            def batch_progress(done: int, _total: int, base: int = finished, n: int = len(group)) -> None:
+                progress(base + done * n, total)
 
-        x_0 = sample_fn(
-            model_fn,
-            ckpt.diffusion,
-            x_T,
-            steps=n_steps,
-            noise=noise.randn_like,
-            progress=batch_progress,
-            should_stop=should_stop,
-        )
-        out.append(x_0.detach().float().clamp(-1.0, 1.0).cpu().numpy())
-    if not out:
-        return np.zeros((0, *shape), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+        stop = should_stop
+        fn = model_fn
+        if dropped is not None:
+            fn = _masked(model_fn, group, dropped)
+
+            def stop(group: list[int] = group) -> bool:
+                gone = dropped()
+                return (should_stop is not None and should_stop()) or all(k in gone for k in group)
+
+        try:
+            # x_T is the first draw from each sample's stream; step noise continues the same stream.
+            x_T = noise.randn(shape, device=device)
+            x_0 = sample_fn(fn, ckpt.diffusion, x_T, steps=n_steps, noise=noise.randn_like,
+                            progress=batch_progress, should_stop=stop)  # fmt: skip
+        except SamplingCancelled:
+            if dropped is not None and set(group) <= set(dropped()) and not (should_stop and should_stop()):
+                finished += n_steps * len(group)
+                continue
+            raise
+        except Exception as e:
+            if not is_out_of_memory(e) or len(group) == 1:
+                raise
+            del e
+            _free_cached_memory(device)
+            half = limit.shrink(len(group))
+            pending += [group[half:], group[:half]]
+            continue
+        out[group] = x_0.detach().float().clamp(-1.0, 1.0).cpu().numpy()
+        finished += n_steps * len(group)
+    return out
 
 
 def decode_sample(x: np.ndarray, config: CheckpointConfig) -> dict[str, np.ndarray]:

@@ -32,6 +32,14 @@ class PerSampleNoise:
         self.indices = list(indices)
         self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
 
+    @classmethod
+    def for_rows(cls, rows: Sequence[tuple[int, int]]) -> PerSampleNoise:
+        """Noise for rows of possibly different requests, each given as (request seed, sample index)."""
+        noise = cls(0, [])
+        noise.indices = [i for _, i in rows]
+        noise.generators = [torch.Generator().manual_seed(sample_seed(s, i)) for s, i in rows]
+        return noise
+
     def __len__(self) -> int:
         return len(self.generators)
 

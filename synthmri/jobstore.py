@@ -7,6 +7,9 @@ Layout (all keys under `synthmri:`):
   job:{id}:finalize  str   lease (a task id) held by the one task that finalises the job
   owner:{sha}        zset  job ids of one API key by creation time
   unqueued           zset  job ids recorded but not yet confirmed as queued, by creation time
+  job:{id}:claim:{start}  str  the task sampling that range in its batch (expires unless renewed)
+  batch:{sha}:{sampler}:{steps}  zset  waiting ranges ("{id}:{start}:{stop}") by job creation
+                     time: work whose samples can share one sampling batch (cross-request batching)
   model-faults       hash  checkpoint sha256 → why a worker could not load it
   stats:*            counters read by /metrics (shared by every API process)
 
@@ -164,6 +167,81 @@ end
 return failed
 """
 
+# Cross-request batching. A worker that takes a range task claims its own range and other
+# waiting ranges of the same batch index (same model, sampler, steps) up to `room` samples, and
+# samples them in one batch. A claim is a key with the claimer's task id that expires unless the
+# claimer renews it, so a dead claimer's ranges become claimable again. Ranges of jobs no longer
+# queued/running (or cancelled) are dropped from the index. Its own range is claimed whatever the
+# room (its message was delivered to it), unless another live task holds it: then that task's
+# batch samples it and this delivery has nothing to do.
+# KEYS: index; ARGV: holder, lease ms, room, newest score to take, job key prefix, own member or ''.
+# Returns {own status ('ok', 'busy' or ''), claimed members}.
+_CLAIM_RANGES = f"""
+local holder, lease, room = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local claimed = {{}}
+local function try(member, own)
+  local job, start, stop = string.match(member, '^([%x]+):(%d+):(%d+)$')
+  if not job then redis.call('ZREM', KEYS[1], member) return 'bad' end
+  local jk = ARGV[5] .. job
+  if not own then
+    local st = redis.call('HGET', jk, 'state')
+    if (st ~= '{JobState.queued.value}' and st ~= '{JobState.running.value}')
+        or redis.call('HGET', jk, 'cancel') == '1' then
+      redis.call('ZREM', KEYS[1], member)
+      return 'gone'
+    end
+    if tonumber(stop) - tonumber(start) > room then return 'full' end
+  end
+  local ck = jk .. ':claim:' .. start
+  local owner = redis.call('GET', ck)
+  if owner and owner ~= holder then return 'busy' end
+  redis.call('SET', ck, holder, 'PX', lease)
+  room = room - (tonumber(stop) - tonumber(start))
+  table.insert(claimed, member)
+  return 'ok'
+end
+local own = ''
+if ARGV[6] ~= '' then own = try(ARGV[6], true) end
+if room > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, 256)) do
+    if m ~= ARGV[6] then try(m, false) end
+    if room <= 0 then break end
+  end
+end
+return {{own, claimed}}
+"""
+
+# Ranges a task has dealt with (done, cancelled, failed) leave the index and lose their claim.
+# KEYS: index; ARGV: holder, job key prefix, members...
+_SETTLE_RANGES = """
+for i = 3, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  local job, start = string.match(ARGV[i], '^([%x]+):(%d+):')
+  if job then
+    local ck = ARGV[2] .. job .. ':claim:' .. start
+    if redis.call('GET', ck) == ARGV[1] then redis.call('DEL', ck) end
+  end
+end
+return 1
+"""
+
+# ARGV: holder, lease ms, job key prefix, members...; returns how many claims are still held.
+_RENEW_CLAIMS = """
+local held = 0
+for i = 4, #ARGV do
+  local job, start = string.match(ARGV[i], '^([%x]+):(%d+):')
+  if job then
+    local ck = ARGV[3] .. job .. ':claim:' .. start
+    if redis.call('GET', ck) == ARGV[1] then redis.call('PEXPIRE', ck, ARGV[2]) held = held + 1 end
+  end
+end
+return held
+"""
+
+# A batch index outlives any job that can still be waiting in it (entries of finished jobs are
+# dropped by the next claim), and is refreshed with every job added.
+BATCH_INDEX_TTL = 7 * 24 * 3600
+
 UNQUEUED_ERROR = (
     "the service could not queue this job (Redis was unreachable while it was submitted, and the "
     "client was answered 503); submit it again"
@@ -172,6 +250,33 @@ UNQUEUED_ERROR = (
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
+
+
+def batch_key(sha256: str, sampler: str, steps: int) -> str:
+    """The index of waiting ranges that may share a sampling batch: everything that shapes a
+    sample besides its (seed, index) noise — the weights, the sampler and its steps."""
+    return f"{PREFIX}batch:{sha256}:{sampler}:{steps}"
+
+
+def spec_batch_key(spec: JobSpec) -> str:
+    return batch_key(spec.model_sha256, spec.sampler, spec.steps)
+
+
+def range_member(job_id: str, start: int, stop: int) -> str:
+    return f"{job_id}:{start}:{stop}"
+
+
+def parse_member(member: str) -> tuple[str, int, int]:
+    job_id, start, stop = member.split(":")
+    return job_id, int(start), int(stop)
+
+
+def confirm_commands(pipe: Any, spec: JobSpec) -> None:
+    """Confirm a queued job (see `JobStore.confirm_queued`), shared by the sync and async store."""
+    pipe.zrem(UNQUEUED, spec.id)
+    key = spec_batch_key(spec)
+    pipe.zadd(key, {range_member(spec.id, a, b): spec.created_at for a, b in spec.ranges()})
+    pipe.expire(key, BATCH_INDEX_TTL)
 
 
 def owner_key(owner: str) -> str:
@@ -270,6 +375,9 @@ class JobStore:
         self._set_progress = client.register_script(_SET_PROGRESS)
         self._claim = client.register_script(_CLAIM)
         self._fail_unqueued = client.register_script(_FAIL_UNQUEUED)
+        self._claim_ranges = client.register_script(_CLAIM_RANGES)
+        self._settle_ranges = client.register_script(_SETTLE_RANGES)
+        self._renew_claims = client.register_script(_RENEW_CLAIMS)
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 10.0) -> JobStore:
@@ -295,8 +403,12 @@ class JobStore:
         created, active = self._create(keys=keys, args=args)
         return None if created else int(active)
 
-    def confirm_queued(self, job_id: str) -> None:
-        self.r.zrem(UNQUEUED, job_id)
+    def confirm_queued(self, spec: JobSpec) -> None:
+        """The job's tasks are in the queue: it is no longer "unqueued", and its ranges wait in
+        its batch index for a worker to merge them into a sampling batch."""
+        pipe = self.r.pipeline(transaction=True)
+        confirm_commands(pipe, spec)
+        pipe.execute()
 
     def fail_unqueued(self, older_than_seconds: float) -> list[str]:
         """Fail jobs that were recorded but never confirmed as queued; returns their ids."""
@@ -395,6 +507,32 @@ class JobStore:
 
     def release_finalize(self, job_id: str) -> None:
         self.r.delete(job_key(job_id) + ":finalize")
+
+    # -- cross-request batching ---------------------------------------------------
+    def claim_ranges(
+        self, key: str, holder: str, lease_seconds: float, room: int, newest: float, own: str | None = None
+    ) -> tuple[str, list[str]]:
+        """Claim `own` (a range member; 'busy' when another live task holds it) and waiting ranges
+        of index `key` created no later than `newest`, oldest first, up to `room` samples in all.
+        Returns (own's status, the claimed members)."""
+        ms = int(lease_seconds * 1000)
+        args: list[str | int] = [holder, ms, room, repr(newest), job_key(""), own or ""]
+        status, claimed = self._claim_ranges(keys=[key], args=args)
+        return str(status or ""), [str(m) for m in claimed]
+
+    def settle_ranges(self, key: str, holder: str, members: list[str]) -> None:
+        """Ranges dealt with: out of the index, claims released."""
+        if members:
+            self._settle_ranges(keys=[key], args=[holder, job_key(""), *members])
+
+    def renew_claims(self, holder: str, lease_seconds: float, members: list[str]) -> int:
+        """Extend this holder's claims; returns how many it still holds."""
+        if not members:
+            return 0
+        return int(self._renew_claims(args=[holder, int(lease_seconds * 1000), job_key(""), *members]))
+
+    def claim_holder(self, job_id: str, start: int) -> str | None:
+        return cast(str | None, self.r.get(f"{job_key(job_id)}:claim:{start}"))
 
     # -- stats -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

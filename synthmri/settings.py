@@ -54,8 +54,16 @@ class Settings(BaseSettings):
     task_batch_size: int = Field(
         default=8,
         ge=1,
-        description="Samples per Celery task (a contiguous index range); also the sampling batch "
-        "size. Smaller spreads a job over more workers and shortens each task.",
+        description="Samples per Celery task (a contiguous index range). Smaller spreads a job over "
+        "more workers and shortens each task; a worker merges ranges into batches of up to "
+        "max_batch_size.",
+    )
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Most samples a worker samples in one batch. Waiting ranges of several jobs for "
+        "the same model, sampler and steps are merged into one batch up to this size; on a CUDA "
+        "out-of-memory the batch is halved and the size that fit is kept as this model's cap.",
     )
     result_ttl_seconds: int = Field(
         default=86400,

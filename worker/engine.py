@@ -12,8 +12,10 @@ import io
 import logging
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,7 @@ import numpy as np
 from synthmri import __version__
 from synthmri.atomic import atomic_write
 from synthmri.contract import JobSpec, JobState, Manifest
-from synthmri.jobstore import STORE_ERRORS, JobStore
+from synthmri.jobstore import STORE_ERRORS, JobStore, parse_member, range_member, spec_batch_key
 from synthmri.outputs.layout import PARTS_DIR, RunNames, part_path, sample_files, write_expiry
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
@@ -98,41 +100,58 @@ def sample_range(
     should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Generate and write samples [start, stop) that are not yet complete; returns how many."""
-    from model.generate import decode_sample, generate
-    from synthmri.outputs import writers
+    from model.generate import generate
+    from worker.model_cache import batch_limit
 
     todo = missing_indices(spec, directory, start, stop)
     if not todo:
         return 0
     device = resolve_device(settings.device)
-    ckpt = load_model(spec, settings, device)
-    if ckpt.sha256 != spec.model_sha256:
-        raise JobError(
-            f"model {spec.model!r} was replaced after the job was submitted "
-            f"(sha256 {spec.model_sha256[:12]}… → {ckpt.sha256[:12]}…); submit the job again"
-        )
+    ckpt = load_job_model(spec, settings, device)
+    limit = batch_limit(ckpt.sha256, device)
     x = generate(
         ckpt,
         seed=spec.seed,
         indices=todo,
         sampler=spec.sampler,
         steps=spec.steps,
-        batch_size=spec.batch_size,
+        batch_size=limit.clamp(settings.max_batch_size),
         device=device,
         progress=progress,
         should_stop=should_stop,
         precision=sampling_precision(settings.precision, device),
+        limit=limit,
     )
+    write_samples(spec, directory, ckpt, todo, x)
+    return len(todo)
+
+
+def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indices: list[int],
+                  x: np.ndarray) -> None:  # fmt: skip
+    """Write samples `indices` (rows of `x`): NIfTI/PNG files first, then each one's part file."""
+    from model.generate import decode_sample
+    from synthmri.outputs import writers
+
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
     (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    for k, i in enumerate(todo):
+    for k, i in enumerate(indices):
         decoded = decode_sample(x[k], ckpt.config)
         kept = {c: decoded[c] for c in spec.channels}
         writers.write_sample(directory, spec.id, i, kept, spec.formats)
         buf = io.BytesIO()
         np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
         atomic_write(part_path(directory, i), buf.getvalue())
-    return len(todo)
+
+
+def load_job_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:
+    """The job's checkpoint, checked to be the one the job was submitted for."""
+    ckpt = load_model(spec, settings, device)
+    if ckpt.sha256 != spec.model_sha256:
+        raise JobError(
+            f"model {spec.model!r} was replaced after the job was submitted "
+            f"(sha256 {spec.model_sha256[:12]}… → {ckpt.sha256[:12]}…); submit the job again"
+        )
+    return ckpt
 
 
 def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:
@@ -199,15 +218,241 @@ class Throttle:
 
 
 def process_range(
-    store: JobStore, settings: Settings, job_id: str, start: int, stop: int, holder: str | None = None
+    store: JobStore,
+    settings: Settings,
+    job_id: str,
+    start: int,
+    stop: int,
+    holder: str | None = None,
+    batch_key: str | None = None,
 ) -> str:
-    """One Celery task's work; returns what happened (for the task result and logs).
+    """One Celery task's work; returns what happened to its own range (for the task result and logs).
+
+    The task samples its range together with other waiting ranges of its batch index (same
+    model, sampler and steps; see synthmri.jobstore) in one batch, then keeps taking waiting
+    ranges that were created before it started until none is left: a task whose range another
+    task's batch holds does nothing, so the holder's own task must leave no claimed range
+    behind, also when it is redelivered after a crash (same task id, so the same `holder`).
 
     Safe to run again at any point (after a crash, a redelivery or a Redis error, see
     worker.outage): written samples are skipped and state changes are idempotent. Redis
     errors propagate so the caller can wait for Redis; no other error escapes without the
-    job being marked failed. `holder` names the task for the finalisation lease.
+    job being marked failed. `holder` names the task for claims and the finalisation lease.
     """
+    from worker.model_cache import batch_limit
+
+    holder = holder or secrets.token_hex(8)
+    newest = time.time()
+    rec = store.get(job_id)
+    own: str | None = range_member(job_id, start, stop)
+    outcome = ""
+    if rec is None:
+        own, outcome = None, "skipped: unknown or expired job"
+    elif rec.state.terminal:
+        own, outcome = None, f"skipped: job is {rec.state.value}"
+    elif store.cancel_requested(job_id):
+        own, outcome = None, cancel(store, rec.spec, job_dir(settings, job_id))
+    key = batch_key or (spec_batch_key(rec.spec) if rec is not None else None)
+    if key is None:
+        return outcome
+    device = resolve_device(settings.device)
+    sha = key.split(":")[-3]
+    lease = max(1.0, settings.visibility_timeout_seconds / 2)
+    while True:
+        room = batch_limit(sha, device).clamp(settings.max_batch_size)
+        status, members = store.claim_ranges(key, holder, lease, room, newest, own)
+        if own is not None and status == "busy":
+            outcome = "skipped: sampled in another task's batch"
+        if not members:
+            return outcome
+        with ClaimLease(store, holder, lease, members):
+            results = process_batch(store, settings, members, holder)
+        store.settle_ranges(key, holder, members)
+        if own is not None and own in results:
+            outcome = results[own]
+        own = None
+        merged = [f"{m}: {r}" for m, r in results.items() if m != range_member(job_id, start, stop)]
+        if merged:
+            log.info("task %s sampled with its batch: %s", holder, "; ".join(merged))
+
+
+class ClaimLease(threading.Thread):
+    """Renews a task's claims while it samples them (the claims lapse if its process dies)."""
+
+    def __init__(self, store: JobStore, holder: str, lease: float, members: list[str]) -> None:
+        super().__init__(name="synthmri-claims", daemon=True)
+        self.store, self.holder, self.lease, self.members = store, holder, lease, members
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.lease / 4):
+            try:
+                self.store.renew_claims(self.holder, self.lease, self.members)
+            except STORE_ERRORS:
+                log.warning("could not renew the claims of task %s: Redis unreachable", self.holder)
+
+    def __enter__(self) -> ClaimLease:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+
+@dataclass
+class Part:
+    """A claimed range of one job in a sampling batch."""
+
+    member: str
+    spec: JobSpec
+    start: int
+    stop: int
+    directory: Path
+    todo: list[int]
+
+
+def process_batch(store: JobStore, settings: Settings, members: list[str], holder: str) -> dict[str, str]:
+    """Sample claimed ranges (of one batch index) together; returns each range's outcome.
+
+    Each job keeps its own progress, cancel and failure: a cancelled job's rows leave the batch
+    (the network skips them), and a job that fails to write or finalise fails alone. If the
+    shared batch itself fails, each range is sampled again on its own, so that an error is
+    charged to the job that causes it.
+    """
+    results: dict[str, str] = {}
+    parts: list[Part] = []
+    for m in members:
+        job_id, start, stop = parse_member(m)
+        rec = store.get(job_id)
+        if rec is None:
+            results[m] = "skipped: unknown or expired job"
+        elif rec.state.terminal:
+            results[m] = f"skipped: job is {rec.state.value}"
+        elif store.cancel_requested(job_id):
+            results[m] = cancel(store, rec.spec, job_dir(settings, job_id))
+        else:
+            d = job_dir(settings, job_id)
+            parts.append(Part(m, rec.spec, start, stop, d, missing_indices(rec.spec, d, start, stop)))
+    if len(parts) <= 1 or sum(len(p.todo) for p in parts) == 0:
+        for p in parts:
+            results[p.member] = process_alone(store, settings, p.spec.id, p.start, p.stop, holder)
+        return results
+    for p in parts:
+        store.mark_running(p.spec.id)
+    try:
+        ckpt, x, cancelled = sample_parts(store, settings, parts)
+    except STORE_ERRORS:
+        raise
+    except Exception as e:
+        if worker_stopping(e):
+            raise
+        log.warning("a merged batch of %d ranges failed (%s); sampling each range on its own",
+                    len(parts), describe_error(e, public_roots(settings)))  # fmt: skip
+        for p in parts:
+            results[p.member] = process_alone(store, settings, p.spec.id, p.start, p.stop, holder)
+        return results
+    for p in parts:
+        dropped = p.spec.id in cancelled
+        results[p.member] = complete_part(store, settings, p, ckpt, x[p.member], dropped, holder)
+    return results
+
+
+def sample_parts(
+    store: JobStore, settings: Settings, parts: list[Part]
+) -> tuple[LoadedCheckpoint, dict[str, np.ndarray], set[str]]:
+    """One batch over every part's missing samples; returns the checkpoint, each part's rows and
+    the ids of jobs cancelled meanwhile (their rows were dropped)."""
+    from model.generate import generate_rows
+    from worker.model_cache import batch_limit
+
+    spec0 = parts[0].spec
+    device = resolve_device(settings.device)
+    ckpt = load_job_model(spec0, settings, device)
+    for p in parts[1:]:
+        if p.spec.model_sha256 != ckpt.sha256:
+            raise JobError(f"job {p.spec.id} is for another checkpoint than its batch")
+    rows = [(p.spec.seed, i) for p in parts for i in p.todo]
+    job_of_row = [p.spec.id for p in parts for _ in p.todo]
+    jobs = list(dict.fromkeys(job_of_row))
+    cancelled: set[str] = set()
+    dropped: set[int] = set()
+    write_throttle, stop_throttle = Throttle(settings.progress_interval_seconds), Throttle(0.1)
+    polls = BestEffort()
+
+    def write_progress(fraction: float) -> None:
+        for p in parts:
+            if p.spec.id not in cancelled:
+                store.set_progress(p.spec.id, p.start, (p.stop - p.start) * fraction, 0)
+
+    def progress(done: int, total: int) -> None:
+        if write_throttle.ready():
+            polls.call(lambda: write_progress(done / max(1, total)), None)
+
+    def cancelled_jobs() -> list[str]:
+        return [j for j in jobs if j not in cancelled and store.cancel_requested(j)]
+
+    def poll_cancels() -> set[int]:
+        if stop_throttle.ready():
+            newly: list[str] = polls.call(cancelled_jobs, [])
+            for job_id in newly:
+                cancelled.add(job_id)
+                dropped.update(k for k, j in enumerate(job_of_row) if j == job_id)
+        return dropped
+
+    limit = batch_limit(ckpt.sha256, device)
+    x = generate_rows(
+        ckpt, rows, sampler=spec0.sampler, steps=spec0.steps, batch_size=limit.clamp(settings.max_batch_size),
+        device=device, progress=progress, precision=sampling_precision(settings.precision, device),
+        limit=limit, dropped=poll_cancels,
+    )  # fmt: skip
+    out: dict[str, np.ndarray] = {}
+    k = 0
+    for p in parts:
+        out[p.member] = x[k : k + len(p.todo)]
+        k += len(p.todo)
+    return ckpt, out, cancelled
+
+
+def complete_part(
+    store: JobStore, settings: Settings, part: Part, ckpt: LoadedCheckpoint, x: np.ndarray, cancelled: bool,
+    holder: str,
+) -> str:
+    """Write a part's samples from a merged batch, then mark its range and maybe finalise its job."""
+    spec, directory = part.spec, part.directory
+    if cancelled or store.cancel_requested(spec.id):
+        return cancel(store, spec, directory)
+    try:
+        write_samples(spec, directory, ckpt, part.todo, x)
+    except STORE_ERRORS:
+        raise
+    except Exception as e:
+        if worker_stopping(e):
+            raise
+        if store.cancel_requested(spec.id):
+            return cancel(store, spec, directory)
+        log.exception("job %s range [%d, %d) failed", spec.id, part.start, part.stop)
+        return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
+    return finish_range(store, settings, spec, part.start, part.stop, len(part.todo), holder)
+
+
+def finish_range(
+    store: JobStore, settings: Settings, spec: JobSpec, start: int, stop: int, generated: int,
+    holder: str | None,
+) -> str:
+    """A range's samples are all written: record it, and finalise the job if it was the last."""
+    if store.cancel_requested(spec.id):
+        return cancel(store, spec, job_dir(settings, spec.id))
+    n = stop - start
+    store.set_progress(spec.id, start, n, n)
+    if store.mark_range_done(spec.id, start, n) == len(spec.ranges()):
+        return maybe_finalize(store, settings, spec.id, holder)
+    return f"sampled {generated} of [{start}, {stop})"
+
+
+def process_alone(
+    store: JobStore, settings: Settings, job_id: str, start: int, stop: int, holder: str | None = None
+) -> str:
+    """Sample one range on its own (see process_range for the guarantees)."""
     from model.samplers import SamplingCancelled
 
     rec = store.get(job_id)
@@ -257,12 +502,7 @@ def process_range(
             return cancel(store, spec, directory)
         log.exception("job %s range [%d, %d) failed", job_id, start, stop)
         return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
-    if store.cancel_requested(job_id):
-        return cancel(store, spec, directory)
-    store.set_progress(job_id, start, n, n)
-    if store.mark_range_done(job_id, start, n) == len(spec.ranges()):
-        return maybe_finalize(store, settings, job_id, holder)
-    return f"sampled {generated} of [{start}, {stop})"
+    return finish_range(store, settings, spec, start, stop, generated, holder)
 
 
 def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str | None = None) -> str:

@@ -16,10 +16,12 @@ from synthmri.registry import read_model
 
 if TYPE_CHECKING:
     from model.checkpoint import LoadedCheckpoint
+    from model.generate import BatchLimit
 
 MAX_MODELS = 2
 
 _cache: OrderedDict[tuple[str, str], LoadedCheckpoint] = OrderedDict()
+_limits: dict[tuple[str, str], BatchLimit] = {}
 _lock = threading.Lock()
 
 
@@ -41,6 +43,15 @@ def get_checkpoint(directory: Path, device: str) -> LoadedCheckpoint:
     return ckpt
 
 
+def batch_limit(sha256: str, device: str) -> BatchLimit:
+    """The sampling batch cap this process learned for a model on a device (out-of-memory
+    splits lower it; it lasts as long as the process, since the memory it measures does)."""
+    from model.generate import BatchLimit
+
+    with _lock:
+        return _limits.setdefault((sha256, device), BatchLimit())
+
+
 def loaded_models() -> list[str]:
     """sha256 of every checkpoint this process holds (reported in the worker heartbeat)."""
     with _lock:
@@ -50,3 +61,4 @@ def loaded_models() -> list[str]:
 def clear() -> None:
     with _lock:
         _cache.clear()
+        _limits.clear()

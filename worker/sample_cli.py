@@ -95,7 +95,7 @@ def main(argv: Sequence[str]) -> int:
     t_load = time.perf_counter() - t0
 
     indices = list(range(args.count))
-    bar = _progress_bar(args, total=steps * -(-args.count // args.batch_size))
+    bar = _progress_bar(args, total=steps * args.count)  # sample-steps, as generate() reports them
 
     def progress(done: int, total: int) -> None:
         if bar is not None:
@@ -167,4 +167,4 @@ def _progress_bar(args: argparse.Namespace, total: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="sampling", unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc="sampling", unit="sample-step", file=sys.stderr, dynamic_ncols=True)

@@ -1,4 +1,5 @@
-"""The Celery task `synthmri.sample_range(job_id, start, stop)`; its last range finalises the job.
+"""The Celery task `synthmri.sample_range(job_id, start, stop, batch_key=…)`; a job's last range
+finalises it.
 
 Task bodies only hold a lease and call the engine through `run_task`; ids travel
 through the broker, arrays never do.
@@ -101,12 +102,13 @@ def run_task(job_id: str, what: str, work: Callable[[], str]) -> str:
 
 
 @app.task(name=TASK_SAMPLE_RANGE, bind=True)
-def sample_range(self: Any, job_id: str, start: int, stop: int) -> str:
-    """Sample indices [start, stop) of a job; finalise the job if this was its last range."""
+def sample_range(self: Any, job_id: str, start: int, stop: int, batch_key: str | None = None) -> str:
+    """Sample indices [start, stop) of a job, merged with other waiting ranges of its batch index
+    `batch_key`; finalise every job whose last range this was."""
     holder = self.request.id
 
     def work() -> str:
-        return engine.process_range(store(), settings, job_id, int(start), int(stop), holder)
+        return engine.process_range(store(), settings, job_id, int(start), int(stop), holder, batch_key)
 
     with Lease(store(), delivery_tag(self.request), settings.visibility_timeout_seconds / 4):
         return run_task(job_id, f"job {job_id} range [{start}, {stop})", work)

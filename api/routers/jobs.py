@@ -201,7 +201,7 @@ async def submit_job(
         ) from None  # fmt: skip
     # Only a confirmed job counts as accepted; one left unconfirmed (this call failing) is
     # failed by the workers' sweep, so a 503 here never leaves a job queued for ever.
-    await services.store.confirm_queued(spec.id)
+    await services.store.confirm_queued(spec)
     response.headers["Location"] = f"/v1/jobs/{spec.id}"
     rec = await services.store.get(spec.id)
     if rec is None:

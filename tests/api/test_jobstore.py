@@ -66,7 +66,7 @@ def test_unconfirmed_jobs_are_failed_and_free_their_slot(store: JobStore) -> Non
     lost, kept = make_spec("1" * 16, "A"), make_spec("2" * 16, "A")
     store.create(lost, 100, max_active=2)
     store.create(kept, 100, max_active=2)
-    store.confirm_queued(kept.id)
+    store.confirm_queued(kept)
     assert store.fail_unqueued(older_than_seconds=60) == []  # too recent: its POST may still answer
     assert store.fail_unqueued(older_than_seconds=0) == [lost.id]
     rec = store.get(lost.id)

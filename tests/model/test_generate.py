@@ -108,9 +108,9 @@ def test_progress_is_aggregated_over_batches(ckpt: LoadedCheckpoint) -> None:
         batch_size=2,
         progress=lambda d, t: calls.append((d, t)),
     )
-    assert {t for _, t in calls} == {12}  # 3 batches × 4 steps
+    assert {t for _, t in calls} == {20}  # 5 samples × 4 steps
     done = [d for d, _ in calls]
-    assert done == sorted(done) and done[-1] == 12 and len(done) == 12
+    assert done == sorted(done) and done[-1] == 20 and len(done) == 12  # 3 batches × 4 steps
 
 
 def test_cancellation_passes_through(ckpt: LoadedCheckpoint) -> None:
@@ -156,3 +156,53 @@ def test_decode_sample(ckpt: LoadedCheckpoint) -> None:
     np.testing.assert_array_equal(out["seg"][0], [0, 1, 2, 4])
     with pytest.raises(ValueError, match="expected a"):
         decode_sample(np.zeros((3, 4, 4), np.float32), ckpt.config)
+
+
+def raise_oom_above(monkeypatch: pytest.MonkeyPatch, k: int) -> list[int]:
+    """Make every network call on more than `k` rows raise torch's out-of-memory error (as
+    CUDA does when a batch does not fit); returns the row counts the network was called with."""
+    import torch
+
+    from model.inference import InferenceModel
+
+    calls: list[int] = []
+    real = InferenceModel.__call__
+
+    def call(self: InferenceModel, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > k:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real(self, x, t)
+
+    monkeypatch.setattr(InferenceModel, "__call__", call)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["dpm++sde", "ddim"])
+def test_out_of_memory_halves_the_batch_with_identical_samples(
+    ckpt: LoadedCheckpoint, sampler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.generate import BatchLimit
+
+    kw = dict(seed=5, indices=range(8), sampler=sampler, steps=6, batch_size=8)
+    undisturbed = generate(ckpt, **kw)  # type: ignore[arg-type]
+    calls = raise_oom_above(monkeypatch, 2)
+    limit = BatchLimit()
+    split = generate(ckpt, limit=limit, **kw)  # type: ignore[arg-type]
+    # 8 fails, 4 fails, then four batches of 2; the stochastic sampler's streams restart with each try.
+    assert calls[0] == 8 and max(calls[1:]) <= 4 and calls.count(2) > 0
+    assert np.array_equal(split, undisturbed)
+    assert limit.cap == 2
+    calls.clear()
+    generate(ckpt, limit=limit, **kw)  # type: ignore[arg-type]
+    assert set(calls) == {2}  # the remembered cap: no failed tries any more
+
+
+def test_out_of_memory_on_a_single_sample_is_raised(
+    ckpt: LoadedCheckpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    raise_oom_above(monkeypatch, 0)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(ckpt, seed=5, indices=range(2), sampler="ddim", steps=2, batch_size=2)

@@ -29,7 +29,7 @@ def test_sample_writes_every_output(
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "wrote 3 sample(s) × 2 channel(s)" in captured.out
-    assert "8/8" in captured.err  # tqdm: 2 batches × 4 steps
+    assert "12/12" in captured.err  # tqdm: 3 samples × 4 steps
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 42 and manifest["sampler"] == "ddim" and manifest["steps"] == 4
