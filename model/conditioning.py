@@ -22,7 +22,12 @@ the unknown pixels' x̂_0 moves against the gradient, with respect to x_t, of ho
 network's own x̂_0 of the known pixels is from the known values, scaled by w·α_t/2. It is
 deterministic, works with every sampler, and costs one backward pass per network call
 (so the network must be differentiable: float precision, not int8). With w = 256 every
-exact-denoiser sample returns its own slice, mask → images and T1CE → the rest alike.
+exact-denoiser sample returns its own slice, mask → images and T1CE → the rest alike. A
+trained network wants a gentler weight: for the demo model given 64 held-out masks
+(SDE-DPM-Solver++ 20), a segmenter trained on real slices finds those masks in the
+generated images with Dice 0.91 / 0.91 / 0.92 (whole tumour, core, enhancing) at w = 16,
+0.88 / 0.72 / 0.76 without guidance and 0.51 / 0.32 / 0.32 at w = 256; real images with
+their own masks score 0.92 / 0.96 / 0.96, unconditional images paired with the masks 0.07 / 0 / 0.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def mask_conditioning_study(
     count: int = 64,
     sampler: str = "dpm++sde",
     steps: int = 20,
-    guidance: float = 256.0,
+    guidance: float = 16.0,
     segmenter_steps: int = 600,
     seed: int = 0,
 ) -> ConditioningStudy:
