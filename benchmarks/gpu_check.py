@@ -76,9 +76,9 @@ def check_precision(precision: str, smoke: bool) -> Result:
 
 # -- throughput ---------------------------------------------------------------------------------
 def research_config() -> Any:
-    from benchmarks.sampling import ISSUE_64
+    from benchmarks.sampling import RESEARCH_2CH_64
 
-    return replace(ISSUE_64, image_size=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+    return replace(RESEARCH_2CH_64, image_size=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
                    attention_resolutions=(16,))  # fmt: skip
 
 
