@@ -17,9 +17,10 @@ import torch
 
 from model.checkpoint import LoadedCheckpoint
 from model.conditioning import KnownChannels
+from model.generate import batches
 from model.samplers import SAMPLERS
 from model.seeding import PerSampleNoise
-from synthmri.channels import SEG
+from synthmri.channels import SEG, decode_labels
 from training.evaluation.segmenter import dice_scores, predict, split_images_labels, train_segmenter
 
 
@@ -57,10 +58,9 @@ def sample_given_channels(
     net = ckpt.model.float().eval()
     which = torch.tensor([1.0 if c in channels else 0.0 for c in ckpt.config.channels])
     out = []
-    for start in range(0, len(known), batch_size):
-        rows = range(start, min(start + batch_size, len(known)))
+    for rows in batches(range(len(known)), batch_size):
         noise = PerSampleNoise(seed, rows)
-        fn = KnownChannels(lambda x, t: net(x, t), d, torch.from_numpy(known[start : rows.stop]), which,
+        fn = KnownChannels(lambda x, t: net(x, t), d, torch.from_numpy(known[rows]), which,
                            guidance=guidance)  # fmt: skip
         x_T = noise.randn(known.shape[1:])
         out.append(SAMPLERS[sampler](fn, d, x_T, steps=steps, noise=noise.randn_like).clamp(-1, 1).numpy())
@@ -85,7 +85,7 @@ def mask_conditioning_study(
     if SEG not in channels:
         raise ValueError("mask conditioning needs a model with a seg channel")
     k = channels.index(SEG)
-    with_tumour = np.flatnonzero((heldout[:, k] > -0.9).reshape(len(heldout), -1).any(axis=1))
+    with_tumour = np.flatnonzero((decode_labels(heldout[:, k]) > 0).reshape(len(heldout), -1).any(axis=1))
     pick = np.random.default_rng(seed).choice(with_tumour, min(count, len(with_tumour)), replace=False)
     given = heldout[np.sort(pick)]
     generated = sample_given_channels(ckpt, given, [SEG], sampler=sampler, steps=steps, guidance=guidance,
