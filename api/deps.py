@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from api.queue import TaskQueue
+from api.state_changes import StateChanges
 from api.store import AsyncJobStore, FaultView
 from synthmri.registry import Registry, scan_registry
 from synthmri.settings import Settings, hash_api_key
@@ -41,6 +42,7 @@ class Services:
     queue: TaskQueue
     faults: FaultView
     models: ModelsView
+    changes: StateChanges
 
 
 async def get_services(request: Request) -> Services:

@@ -19,6 +19,7 @@ from api.deps import ModelsView, Services
 from api.limits import RejectLargeBodies
 from api.queue import TaskQueue
 from api.routers import health, jobs, models
+from api.state_changes import StateChanges
 from api.store import AsyncJobStore, FaultView
 from synthmri import __version__
 from synthmri.settings import Settings
@@ -30,12 +31,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper())
     store = AsyncJobStore.from_settings(settings)
-    services = Services(settings, store, TaskQueue(settings), FaultView(store), ModelsView(settings))
+    changes = StateChanges(settings.redis_url, connect_timeout=settings.redis_timeout_seconds)
+    services = Services(settings, store, TaskQueue(settings), FaultView(store), ModelsView(settings), changes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await services.models.scan()
+        await changes.start()
         yield
+        await changes.stop()
         await services.store.close()
 
     app = FastAPI(

@@ -42,6 +42,8 @@ UNQUEUED = PREFIX + "unqueued"
 STATS_STATES = PREFIX + "stats:states"
 STATS_SAMPLES = PREFIX + "stats:samples"
 STATS_LATENCY = PREFIX + "stats:latency"
+# Pub/sub channel: every state change publishes the job id, so long-polls wake at once.
+STATE_CHANNEL = PREFIX + "state-changes"
 LATENCY_BUCKETS: tuple[float, ...] = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 JOB_KEY_SUFFIXES = ("", ":progress", ":ranges", ":finalize")
 
@@ -68,6 +70,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1])
 for i = 3 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HINCRBY', KEYS[2], cur, -1)
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('PUBLISH', '{CHANNEL}', string.sub(KEYS[1], {ID_START}))
 local terminal = {TERMINAL}
 if terminal[ARGV[1]] then
   redis.call('ZREM', KEYS[3], string.sub(KEYS[1], {ID_START}))
@@ -81,7 +84,7 @@ return {1, cur}
     "{TERMINAL}", "{" + ", ".join(f"['{s.value}'] = true" for s in TERMINAL_STATES) + "}"
 ).replace(
     "{SUFFIXES}", "{" + ", ".join(f"'{s}'" for s in JOB_KEY_SUFFIXES) + "}"
-).replace("{ID_START}", str(len(PREFIX + "job:") + 1))
+).replace("{ID_START}", str(len(PREFIX + "job:") + 1)).replace("{CHANNEL}", STATE_CHANNEL)
 
 # The owner's queued/running jobs (KEYS[1] = owner index, ARGV[1] = job key prefix): one
 # definition of "active" for the limit check and for `active_count`.
@@ -136,6 +139,7 @@ end
 for _, suffix in ipairs({{SUFFIXES}}) do redis.call('DEL', KEYS[1] .. suffix) end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('PUBLISH', '{STATE_CHANNEL}', ARGV[1])
 return cur
 """.replace("{SUFFIXES}", "{" + ", ".join(f"'{s}'" for s in JOB_KEY_SUFFIXES) + "}")
 
@@ -161,6 +165,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
     redis.call('HINCRBY', KEYS[2], '{JobState.failed.value}', 1)
     local ttl = tonumber(redis.call('HGET', key, 'ttl') or '0')
     if ttl and ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    redis.call('PUBLISH', '{STATE_CHANNEL}', id)
     table.insert(failed, id)
   end
 end

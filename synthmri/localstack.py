@@ -235,6 +235,8 @@ class LocalStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # One machine's cores serve the API and the sampling worker: the API answers first.
+        env.setdefault("SYNTHMRI_WORKER_NICENESS", "10")
         env.update(self.extra_env)
         return env
 

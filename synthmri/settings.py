@@ -65,6 +65,14 @@ class Settings(BaseSettings):
         "the same model, sampler and steps are merged into one batch up to this size; on a CUDA "
         "out-of-memory the batch is halved and the size that fit is kept as this model's cap.",
     )
+    worker_niceness: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="CPU priority a worker gives up at start (Unix nice, 0..19). Where the API shares "
+        "the machine's cores with CPU sampling, a positive value keeps submissions and polls "
+        "answered promptly while a batch samples; `synthmri up` uses 10.",
+    )
     result_ttl_seconds: int = Field(
         default=86400,
         ge=60,

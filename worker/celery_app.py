@@ -163,6 +163,25 @@ class _Background(threading.Thread):
 _background: _Background | None = None
 
 
+def give_up_cpu_priority(niceness: int) -> None:
+    """Lower this process's CPU priority by `niceness`.
+
+    Under the kernel's autogroup scheduling (common on desktops and CI machines) nice values
+    only rank processes of one session against each other, and a worker runs in a session of
+    its own, so the session's group is lowered too (/proc/self/autogroup; raising it needs no
+    privilege)."""
+    if niceness <= 0:
+        return
+    os.nice(niceness)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(f"{niceness}\n")
+
+
+@signals.worker_init.connect
+def _lower_priority(**_: Any) -> None:
+    give_up_cpu_priority(settings.worker_niceness)
+
+
 @signals.worker_ready.connect
 def _start_background(sender: Any = None, **_: Any) -> None:
     global _background

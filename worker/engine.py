@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import secrets
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,21 +128,36 @@ def sample_range(
     return len(todo)
 
 
+# Threads writing one batch's samples: gzip, PNG encoding and fsync release the GIL, so the
+# files of a batch are written in parallel on the cores the sampler has just freed.
+WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
 def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indices: list[int],
                   x: np.ndarray) -> None:  # fmt: skip
-    """Write samples `indices` (rows of `x`): NIfTI/PNG files first, then each one's part file."""
+    """Write samples `indices` (rows of `x`): each one's NIfTI/PNG files first, then its part file."""
     from model.generate import decode_sample
     from synthmri.outputs import writers
 
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
     (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    for k, i in enumerate(indices):
+
+    def write(k: int) -> None:
+        i = indices[k]
         decoded = decode_sample(x[k], ckpt.config)
         kept = {c: decoded[c] for c in spec.channels}
         writers.write_sample(directory, spec.id, i, kept, spec.formats)
         buf = io.BytesIO()
         np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
         atomic_write(part_path(directory, i), buf.getvalue())
+
+    if len(indices) == 1 or WRITER_THREADS == 1:
+        for k in range(len(indices)):
+            write(k)
+        return
+    with ThreadPoolExecutor(min(WRITER_THREADS, len(indices)), thread_name_prefix="synthmri-write") as pool:
+        # list() re-raises the first error; the pool still finishes the other samples first.
+        list(pool.map(write, range(len(indices))))
 
 
 def load_job_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:

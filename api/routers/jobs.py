@@ -7,7 +7,6 @@ broker, file checks) runs in worker threads.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import shutil
@@ -236,9 +235,13 @@ async def get_job(
 ) -> JobView:
     deadline = time.monotonic() + min(wait, services.settings.long_poll_max_seconds)
     first = rec.state
-    while not rec.state.terminal and rec.state == first and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        rec = await reread(services, rec)
+    if rec.state.terminal or wait <= 0:
+        return view(services, rec)
+    with services.changes.watch(rec.spec.id) as changed:
+        rec = await reread(services, rec)  # a change before the watch began has no event
+        while not rec.state.terminal and rec.state == first and (left := deadline - time.monotonic()) > 0:
+            await services.changes.wait(changed, left)
+            rec = await reread(services, rec)
     return view(services, rec)
 
 

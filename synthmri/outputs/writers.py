@@ -7,6 +7,7 @@ identical bytes. Torch-free: arrays come in as numpy.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -48,30 +49,46 @@ MANIFEST_FORMAT = "synthmri-manifest/1"
 # NIfTI
 
 
-def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
-    """A gzipped single-slice NIfTI-1 of shape (H, W, 1): seg as uint8 labels, images float32."""
-    img = np.asarray(img)
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D slice for {channel!r}, got shape {img.shape}")
-    data: np.ndarray
-    if channel == SEG:
-        data = img.astype(np.uint8)[:, :, None]
+def _nifti_header(channel: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> bytes:
+    """The header bytes (up to the data offset) of a single-slice NIfTI-1 of `channel`."""
+    return _nifti_header_cached(channel == SEG, channel, shape, dtype.str)
+
+
+@functools.lru_cache(maxsize=64)
+def _nifti_header_cached(seg: bool, channel: str, shape: tuple[int, ...], dtype: str) -> bytes:
+    if seg:
         cal = (0.0, 4.0)
         descrip = "SynthMRI synthetic seg: BraTS labels 0,1 NCR,2 ED,4 ET"
     else:
-        data = img.astype(np.float32)[:, :, None]
         cal = (0.0, 1.0)
         descrip = f"SynthMRI synthetic {channel}, intensity in [0,1]"
-    nii = nib.Nifti1Image(data, AFFINE)
+    nii = nib.Nifti1Image(np.zeros(shape, dtype=np.dtype(dtype)), AFFINE)
     hdr = nii.header
-    hdr.set_data_dtype(data.dtype)
+    hdr.set_data_dtype(np.dtype(dtype))
     nii.set_qform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     nii.set_sform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     hdr.set_xyzt_units(xyz="mm")
     hdr["descrip"] = descrip.encode()[:79]
     hdr["cal_min"], hdr["cal_max"] = cal
+    whole = nii.to_bytes()
+    return whole[: len(whole) - math.prod(shape) * np.dtype(dtype).itemsize]
+
+
+def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
+    """A gzipped single-slice NIfTI-1 of shape (H, W, 1): seg as uint8 labels, images float32.
+
+    Every slice of a channel shares one header, built once by nibabel; the voxels follow it in
+    NIfTI's column-major order (what nibabel itself writes, byte for byte, and ~10x faster than
+    building an image per slice). gzip level 1: float slices hardly compress, and level 6 made
+    them 1 % smaller at 1.3× the time (80 files of a demo-model job), time the client waits.
+    """
+    img = np.asarray(img)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D slice for {channel!r}, got shape {img.shape}")
+    data = (img.astype(np.uint8) if channel == SEG else img.astype(np.float32))[:, :, None]
+    header = _nifti_header(channel, data.shape, data.dtype)
     # mtime=0: identical bytes on every re-run, so duplicate tasks are indistinguishable.
-    return gzip.compress(nii.to_bytes(), compresslevel=6, mtime=0)
+    return gzip.compress(header + data.tobytes(order="F"), compresslevel=1, mtime=0)
 
 
 def write_nifti(path: str | Path, img: np.ndarray, channel: str) -> Path:
@@ -107,9 +124,14 @@ def overlay_rgb(base: np.ndarray | None, seg: np.ndarray) -> np.ndarray:
     return (rgb + 0.5).astype(np.uint8)
 
 
+# zlib level 1: for a 16-sample five-channel grid 4x faster to encode than Pillow's default 6
+# (58 vs 248 ms) for a file 20 % larger; a job's PNGs are written while its client waits.
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -242,7 +264,7 @@ def write_grid(
     """Render the grid PNG (see `render_grid`) and write it atomically; returns its layout."""
     image, layout = render_grid(samples, channels, row_labels)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     atomic_write(path, buf.getvalue())
     return layout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -338,3 +339,13 @@ def test_generate_cli_submits_and_downloads(stack: Any, tmp_path: Path, capsys: 
     assert main([*base, "--api-key", "wrong", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "401" in err[0] and "not recognised" in err[0]
+
+
+def test_the_worker_gives_the_api_the_cpu_first(stack: Any) -> None:
+    """`synthmri up` runs the API and a CPU worker on the same cores: the worker starts niced."""
+    assert stack.api is not None and stack.workers
+    assert os.getpriority(os.PRIO_PROCESS, stack.api.proc.pid) == 0
+    assert [os.getpriority(os.PRIO_PROCESS, w.proc.pid) for w in stack.workers] == [10] * len(stack.workers)
+    autogroup = Path(f"/proc/{stack.workers[0].proc.pid}/autogroup")
+    if autogroup.exists():  # "/autogroup-N nice 10" where the kernel groups by session
+        assert autogroup.read_text().split()[-1] == "10"

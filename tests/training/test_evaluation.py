@@ -46,6 +46,7 @@ def _with_images(x: np.ndarray, images: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow  # trains the feature encoder: ~75 s on one core
 def test_frechet_distance_sits_at_its_floor_and_grows_with_noise_and_blur(
     phantom_slices: tuple[np.ndarray, np.ndarray], encoder: feat.SliceEncoder
 ) -> None:
@@ -136,6 +137,7 @@ def test_exact_denoiser_samples_score_like_the_real_slices(
     assert feat.nearest_distances(samples_np, known).max() < 0.5 * unseen
 
 
+@pytest.mark.slow  # trains the segmenter: ~50 s on one core
 def test_segmenter_learns_phantom_tumours(phantom_slices: tuple[np.ndarray, np.ndarray]) -> None:
     from training.evaluation.segmenter import dice_scores, predict, split_images_labels, train_segmenter
 
