@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from synthmri.atomic import atomic_write
-from synthmri.channels import BRATS_LABELS, DEFAULT_LABEL_LEVELS, SEG, encode_labels
+from synthmri.channels import BRATS_LABELS, CHANNEL_SETS, DEFAULT_LABEL_LEVELS, SEG, encode_labels
 from synthmri.contract import DEFAULT_GUIDANCE, Given, GivenApplies, GivenInput
 from synthmri.intensity import normalise_percentile, research_uint8
 from synthmri.outputs.layout import KNOWN_VALUES, input_filename
@@ -380,6 +380,17 @@ def check_channels(names: Sequence[str], model: ModelSlices, outputs: Sequence[s
                          f"{', '.join(outputs)}; leave out at least one channel to generate, or request "
                          "more channels")  # fmt: skip
     return given
+
+
+def channel_set_with(requested: str | None, given: Sequence[str]) -> str | None:
+    """The channel set a request by channel set needs: the requested one, or the smallest set that
+    also has the given channels (a mask given to a T1CE-only request needs a model with a mask).
+    Unchanged when no set has them all (the model's own check then names the channel)."""
+    if requested is None or set(given) <= set(CHANNEL_SETS[requested]):
+        return requested
+    needed = set(CHANNEL_SETS[requested]) | set(given)
+    fitting = sorted((len(chs), name) for name, chs in CHANNEL_SETS.items() if needed <= set(chs))
+    return fitting[0][1] if fitting else requested
 
 
 def prepare_known(
