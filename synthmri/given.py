@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from synthmri.atomic import atomic_write
-from synthmri.channels import BRATS_LABELS, CHANNEL_SETS, DEFAULT_LABEL_LEVELS, SEG, encode_labels
+from synthmri.channels import BRATS_LABELS, CHANNEL_SETS, DEFAULT_LABEL_LEVELS, MODALITIES, SEG, encode_labels
 from synthmri.contract import DEFAULT_GUIDANCE, Given, GivenApplies, GivenInput
 from synthmri.intensity import normalise_percentile, research_uint8
 from synthmri.outputs.layout import KNOWN_VALUES, input_filename
@@ -443,9 +443,15 @@ def prepare_known(
 
 
 def load_known(directory: Path, given: Given, channels: Sequence[str], indices: Sequence[int]) -> np.ndarray:
-    """(len(indices), C, H, W) float32 model-range rows of the known values (other channels zero)."""
+    """(len(indices), C, H, W) float32 model-range rows of a job's stored known values."""
     with np.load(directory / KNOWN_VALUES) as stored:
-        values = {c: stored[c] for c in given.channels}
+        return known_rows({c: stored[c] for c in given.channels}, channels, indices)
+
+
+def known_rows(
+    values: Mapping[str, np.ndarray], channels: Sequence[str], indices: Sequence[int]
+) -> np.ndarray:
+    """(len(indices), C, H, W) rows from per-channel (1 or count, H, W) values (other channels zero)."""
     size = next(iter(values.values())).shape[-1]
     out = np.zeros((len(indices), len(channels), size, size), dtype=np.float32)
     for c, name in enumerate(channels):
@@ -478,3 +484,52 @@ def array_upload(channel: str, array: np.ndarray, name: str | None = None) -> Up
     img.set_qform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     img.set_sform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     return Upload(channel, name or f"{channel}.nii.gz", gzip.compress(img.to_bytes(), mtime=0))
+
+
+# ---------------------------------------------------------------------------
+# what a client or a CLI hands over
+
+GivenValue = Any  # a path, bytes, an (H, W) or (H, W, count) array, or a list of those (one per sample)
+
+
+def uploads_from(given: Mapping[str, GivenValue]) -> list[Upload]:
+    """Uploads from {channel: value}: a file path or its bytes, an array (a slice for every sample, or
+    a volume of one slice per sample), or a list of those, one per sample in order."""
+    uploads: list[Upload] = []
+    for channel, value in given.items():
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        if not items:
+            raise GivenError(channel, f"no {channel} file given")
+        for k, item in enumerate(items):
+            name = f"{channel}_{k}" if len(items) > 1 else channel
+            if isinstance(item, np.ndarray):
+                uploads.append(array_upload(channel, item, f"{name}.nii.gz"))
+            elif isinstance(item, bytes):
+                uploads.append(Upload(channel, name, item))
+            elif isinstance(item, str | Path):
+                try:
+                    uploads.append(Upload(channel, Path(item).name, Path(item).read_bytes()))
+                except OSError as e:
+                    raise GivenError(channel, f"cannot read {channel} file {str(item)!r} "
+                                     f"({e.strerror or type(e).__name__})") from None  # fmt: skip
+            else:
+                raise GivenError(channel, f"a {channel} value must be a file path, bytes or an array, "
+                                 f"not {type(item).__name__}")  # fmt: skip
+    return uploads
+
+
+def parse_given_options(options: Sequence[str]) -> dict[str, list[Path]]:
+    """`--given CHANNEL=PATH` options (repeated: one file per sample, in order) → {channel: paths}."""
+    given: dict[str, list[Path]] = {}
+    for option in options:
+        channel, sep, path = option.partition("=")
+        channel = channel.strip().lower()
+        if not sep or not path:
+            raise GivenError(option, f"--given {option!r}: write CHANNEL=FILE, e.g. --given seg=mask.nii.gz")
+        if channel not in (*MODALITIES, SEG):
+            raise GivenError(channel, f"--given {option!r}: unknown channel {channel!r}; use one of "
+                             f"{', '.join((*MODALITIES, SEG))}")  # fmt: skip
+        if not Path(path).is_file():
+            raise GivenError(channel, f"--given {option!r}: no such file {path!r}")
+        given.setdefault(channel, []).append(Path(path))
+    return given
