@@ -28,21 +28,29 @@ REQUEST_FIELD = "request"
 CHANNEL_FIELDS: tuple[str, ...] = (*MODALITIES, SEG)
 
 # How the request body is documented in the OpenAPI document (JobRequest is filled in by api.openapi).
+# A schema cannot say which bytes make a usable NIfTI or PNG, so the files are described in words, and
+# the request it does describe has no files: there `guidance`, which only goes with files, stays null.
+_WITHOUT_FILES: dict[str, Any] = {
+    "allOf": [
+        {"$ref": "#/components/schemas/JobRequest"},
+        {"properties": {"guidance": {"type": "null", "description": "only with known-channel files"}}},
+    ]
+}
 REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+        "application/json": {"schema": _WITHOUT_FILES},
         MULTIPART: {
             "schema": {
                 "type": "object",
                 "required": [REQUEST_FIELD],
-                "properties": {REQUEST_FIELD: {"$ref": "#/components/schemas/JobRequest"}},
+                "properties": {REQUEST_FIELD: _WITHOUT_FILES},
                 "additionalProperties": False,
                 "description": "The JobRequest JSON in the field `request`, plus known channels as file "
                 "parts named after model channels (t1, t1ce, t2, flair, seg): per channel one file (given "
                 "to every sample), `count` files (one per sample, in order) or one NIfTI volume with "
                 "`count` slices along its last axis; NIfTI (.nii, .nii.gz) or 8/16-bit grayscale PNG. "
-                "See docs/conditioning.md.",
+                "With files, `guidance` may be a number. See docs/conditioning.md.",
             },
             "encoding": {REQUEST_FIELD: {"contentType": "application/json"}},
         },
