@@ -357,6 +357,25 @@ def test_an_oversize_upload_is_413_saying_how_to_fit(
     nothing_left(store, settings)
 
 
+def test_a_streamed_oversize_upload_is_413_too(
+    client: TestClient, store: JobStore, settings: Settings
+) -> None:
+    """Without a Content-Length the body is counted as it is read, and reading stops at the limit."""
+    boundary = "b0undary"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name="
+
+    def body() -> Iterator[bytes]:
+        yield f'{part}"request"\r\n\r\n{{"model": "tiny", "count": 1}}\r\n'.encode()
+        yield f'{part}"t1ce"; filename="a.nii"\r\n\r\n'.encode()
+        for _ in range(LIMIT // 4096 + 2):
+            yield b"x" * 4096
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    r = client.post("/v1/jobs", content=body(), headers=headers)
+    assert_problem(r, 413, "gzip the NIfTI files")
+    nothing_left(store, settings)
+
+
 def test_a_refused_job_leaves_no_inputs_behind(
     client: TestClient, store: JobStore, settings: Settings
 ) -> None:
