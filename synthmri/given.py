@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 
 from synthmri.atomic import atomic_write
-from synthmri.channels import BRATS_LABELS, CHANNEL_SETS, DEFAULT_LABEL_LEVELS, MODALITIES, SEG, encode_labels
+from synthmri.channels import (
+    BRATS_LABELS,
+    CHANNEL_SETS,
+    DEFAULT_LABEL_LEVELS,
+    MODALITIES,
+    SEG,
+    channels_of,
+    encode_labels,
+)
 from synthmri.contract import DEFAULT_GUIDANCE, Given, GivenApplies, GivenInput
 from synthmri.intensity import normalise_percentile, research_uint8
 from synthmri.outputs.layout import KNOWN_VALUES, input_filename
@@ -86,8 +94,6 @@ class ModelSlices:
     @classmethod
     def from_config(cls, name: str, config: Mapping[str, Any]) -> ModelSlices:
         """From a checkpoint's config.json (as parsed JSON)."""
-        from synthmri.channels import channels_of
-
         norm = config.get("normalisation") or {}
         levels = config.get("label_levels") or DEFAULT_LABEL_LEVELS
         return cls(
@@ -133,8 +139,9 @@ class GivenFile:
 
 
 @dataclass(frozen=True)
-class KnownChannels:
-    """The known channels of a job, checked: model-range values and the files they came from."""
+class GivenChannels:
+    """The known channels of a job, checked: model-range values and the files they came from
+    (model.conditioning.KnownChannels is what samples with them)."""
 
     values: dict[str, np.ndarray]  # channel → (1 or count, H, W) float32 in the model range
     files: list[GivenFile]
@@ -169,13 +176,15 @@ def file_kind(data: bytes) -> str | None:
         return "png"
     if data.startswith(b"\x1f\x8b"):
         return "nii.gz"
-    if len(data) >= 348 and _nifti_header_size(data) is not None:
+    if _nifti_header_size(data) is not None:
         return "nii"
     return None
 
 
 def _nifti_header_size(data: bytes) -> int | None:
     """348 (NIfTI-1) or 540 (NIfTI-2) when `data` starts with a single-file NIfTI header."""
+    if len(data) < 348:
+        return None
     for order in "<>":
         (size,) = struct.unpack(order + "i", data[:4])
         if size == 348 and data[344:348] == b"n+1\x00":
@@ -400,7 +409,7 @@ def prepare_known(
     count: int,
     outputs: Sequence[str],
     guidance: float | None,
-) -> KnownChannels | None:
+) -> GivenChannels | None:
     """Check a job's uploads (see the module docstring); None when there are none."""
     by_channel: dict[str, list[Upload]] = {}
     for u in uploads:
@@ -439,7 +448,7 @@ def prepare_known(
             files.append(GivenFile(upload, slices, applies, samples, how))
             parts.append(value)
         values[channel] = np.concatenate(parts).astype(np.float32)
-    return KnownChannels(values, files, channels, weight)
+    return GivenChannels(values, files, channels, weight)
 
 
 def load_known(directory: Path, given: Given, channels: Sequence[str], indices: Sequence[int]) -> np.ndarray:

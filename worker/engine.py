@@ -94,7 +94,7 @@ def job_precision(spec: JobSpec, settings: Settings, device: str) -> str:
     return precision
 
 
-def known_rows(
+def known_arguments(
     spec: JobSpec, directory: Path, indices: list[int], channels: tuple[str, ...]
 ) -> dict[str, Any]:
     """generate()'s known-channel arguments for these samples of the job (none without known channels)."""
@@ -151,7 +151,7 @@ def sample_range(
         should_stop=should_stop,
         precision=job_precision(spec, settings, device),
         limit=limit,
-        **known_rows(spec, directory, todo, ckpt.config.channels),
+        **known_arguments(spec, directory, todo, ckpt.config.channels),
     )
     write_samples(spec, directory, ckpt, todo, x)
     return len(todo)
@@ -410,7 +410,7 @@ def sample_parts(
     known: dict[str, Any] = {}
     if spec0.given is not None:
         # Each job's rows carry its own known values; the batch shares which channels and the guidance.
-        each = [known_rows(p.spec, p.directory, p.todo, ckpt.config.channels) for p in parts]
+        each = [known_arguments(p.spec, p.directory, p.todo, ckpt.config.channels) for p in parts]
         known = {**each[0], "known": np.concatenate([k["known"] for k in each])}
     job_of_row = [p.spec.id for p in parts for _ in p.todo]
     jobs = list(dict.fromkeys(job_of_row))

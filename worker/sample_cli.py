@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from model.checkpoint import LoadedCheckpoint
-    from synthmri.given import KnownChannels
+    from synthmri.given import GivenChannels
 
 SAMPLER_NAMES = ("dpm++", "dpm++sde", "ddim", "ddpm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -158,7 +158,7 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def read_given(args: argparse.Namespace, ckpt: LoadedCheckpoint) -> KnownChannels | None:
+def read_given(args: argparse.Namespace, ckpt: LoadedCheckpoint) -> GivenChannels | None:
     """The --given files, checked as the service checks uploads (a one-line CliError if not usable)."""
     from synthmri.given import GivenError, ModelSlices, prepare_known, uploads_from
 
@@ -177,7 +177,7 @@ def read_given(args: argparse.Namespace, ckpt: LoadedCheckpoint) -> KnownChannel
 
 def write_outputs(
     args: argparse.Namespace, ckpt: LoadedCheckpoint, x: np.ndarray, steps: int, precision: str,
-    timings: dict[str, float], known: KnownChannels | None = None,
+    timings: dict[str, float], known: GivenChannels | None = None,
 ) -> None:
     """The samples' files, grid, npz, manifest and zip: a job's outputs, named after --name."""
     import torch

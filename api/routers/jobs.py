@@ -37,7 +37,7 @@ from synthmri.contract import (
     new_job_id,
     new_seed,
 )
-from synthmri.given import GivenError, KnownChannels, channel_set_with, prepare_known
+from synthmri.given import GivenChannels, GivenError, channel_set_with, prepare_known
 from synthmri.jobstore import STORE_ERRORS, JobRecord
 from synthmri.outputs.layout import (
     EXTENSION_FORMATS,
@@ -234,7 +234,7 @@ async def submit_job(
     return view(services, rec)
 
 
-async def _store_known(known: KnownChannels | None, directory: Path) -> None:
+async def _store_known(known: GivenChannels | None, directory: Path) -> None:
     """Write the uploads where the worker reads them, before the job exists (so a worker never
     sees a job without its inputs); nothing stays behind when that fails."""
     if known is None:
