@@ -72,15 +72,16 @@ def _is_json(media: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_submission(request: Request, max_files: int) -> Submission:
-    """The job request and its uploads; 415 for another media type, 422 for a bad body."""
+async def read_submission(request: Request, max_count: int) -> Submission:
+    """The job request and its uploads (at most one file per channel and sample of the largest
+    job); 415 for another media type, 422 for a bad body."""
     media = media_type(request)
     headers = request.headers
     empty = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
     if _is_json(media) or (not media and empty):
         return Submission(parse_job_request(await request.body()))
     if media == MULTIPART:
-        return await _read_multipart(request, max_files)
+        return await _read_multipart(request, len(CHANNEL_FIELDS) * max_count)
     shown = media[:60] or "no Content-Type"
     raise Problem(415, "the body must be JSON sent with `Content-Type: application/json`, or "
                   f"{MULTIPART} with that JSON in a `{REQUEST_FIELD}` field and known channels as files "

@@ -26,7 +26,6 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import OwnerDep, ServicesDep
 from api.problems import Problem, answers, clip, invalid
 from api.uploads import REQUEST_BODY, read_submission
-from synthmri.channels import CHANNEL_SETS
 from synthmri.contract import (
     ACTIVE_STATES,
     JobSpec,
@@ -152,8 +151,7 @@ async def submit_job(
     owner: OwnerDep,
 ) -> JobView:
     settings = services.settings
-    submission = await read_submission(request, max_files=len(CHANNEL_SETS["t1+t1ce+t2+flair+seg"]) *
-                                       settings.max_count)  # fmt: skip
+    submission = await read_submission(request, settings.max_count)
     body, uploads = submission.request, submission.uploads
     if body.count > settings.max_count:
         raise invalid(
