@@ -74,19 +74,3 @@ async def get_owner(
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
-
-
-async def require_json(request: Request) -> None:
-    """415 for a body that is not JSON (an empty body goes on to "the request needs a JSON body")."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    json_like = media_type.startswith("application/") and media_type.endswith("+json")
-    if media_type == "application/json" or json_like:
-        return
-    headers = request.headers
-    if not media_type and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
-        return
-    shown = media_type[:60] or "no Content-Type"
-    raise Problem(415, f"the body must be JSON sent with `Content-Type: application/json` (got {shown})")
-
-
-JsonBody = Annotated[None, Depends(require_json)]

@@ -24,11 +24,14 @@ class RejectLargeBodies:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        uploads = headers.get("content-type", "").lower().startswith("multipart/")
+        detail = too_large_detail(self.max_bytes, uploads)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             body = {
                 "type": "about:blank", "title": TITLES[413], "status": 413,
-                "detail": too_large_detail(self.max_bytes), "instance": scope.get("path", ""),
+                "detail": detail, "instance": scope.get("path", ""),
             }  # fmt: skip
             await JSONResponse(body, status_code=413, media_type=PROBLEM_JSON)(scope, receive, send)
             return
@@ -41,7 +44,7 @@ class RejectLargeBodies:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     # An HTTPException from the body read reaches the app's handlers (problem+json).
-                    raise HTTPException(413, too_large_detail(self.max_bytes))
+                    raise HTTPException(413, detail)
             return message
 
         await self.app(scope, counted, send)

@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api.problems import PROBLEM_JSON
 from synthmri.channels import CHANNEL_SETS
-from synthmri.contract import MAX_SEED
+from synthmri.contract import MAX_SEED, JobRequest
 from synthmri.registry import Registry
 from synthmri.settings import Settings
 
@@ -80,6 +80,10 @@ def install(app: FastAPI, settings: Settings, registry: Callable[[], Registry]) 
         if not base:
             generated = get_openapi(title=app.title, version=app.version, description=app.description,
                                     routes=app.routes)  # fmt: skip
+            # POST /v1/jobs reads its body itself (JSON or multipart) and names JobRequest by reference.
+            schemas = generated.setdefault("components", {}).setdefault("schemas", {})
+            request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.setdefault("JobRequest", request)
             base.update(file_errors_as_problems(generated))
         return describe_this_server(base, registry(), settings)
 

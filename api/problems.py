@@ -72,7 +72,7 @@ DESCRIPTIONS = {
     409: "The job is not in a state that allows this",
     410: "The job's files have expired",
     413: "The request body is larger than the server accepts",
-    415: "The request body is not JSON",
+    415: "The request body is neither JSON nor multipart/form-data (JSON plus known channels as files)",
     422: "The request is invalid; `detail` says which field and why",
     429: "This API key has as many queued and running jobs as it may",
     503: "A service the API needs (Redis, the task queue) is unreachable; try again shortly",
@@ -87,8 +87,19 @@ def answers(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def too_large_detail(limit: int) -> str:
-    return f"the request body is larger than this server accepts ({limit} bytes); send a smaller request"
+def too_large_detail(limit: int, uploads: bool = False) -> str:
+    """What a 413 says; with uploads (a multipart body), how to make them fit."""
+    what = f"the request body is larger than this server accepts ({limit} bytes)"
+    if uploads:
+        return (f"{what}; send fewer files per job (one slice given to every sample, or split the job into "
+                "smaller ones) or gzip the NIfTI files (.nii.gz)")  # fmt: skip
+    return f"{what}; send a smaller request"
+
+
+def invalid(field: str, detail: str) -> Problem:
+    """A 422 about one field of the request body, listed in `errors` like a validation error."""
+    loc = field if len(field) <= ECHO_CHARS else field[: ECHO_CHARS - 1] + "…"
+    return Problem(422, detail, errors=[{"loc": ["body", loc], "msg": detail, "type": "value_error"}])
 
 
 def clip(value: object, limit: int = ECHO_CHARS) -> str:

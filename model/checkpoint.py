@@ -53,8 +53,11 @@ class LoadedCheckpoint:
 
         key = (str(torch.device(device)), precision)
         if key not in self._prepared:
-            net = copy.deepcopy(self.model)
-            self._prepared[key] = prepare_for_inference(net, torch.device(device), precision=precision)
+            # Weights made under inference mode (a caller's) could not be used in a differentiated
+            # call (reconstruction guidance), so the copy is prepared outside it.
+            with torch.inference_mode(False):
+                net = copy.deepcopy(self.model)
+                self._prepared[key] = prepare_for_inference(net, torch.device(device), precision=precision)
         return self._prepared[key]
 
 

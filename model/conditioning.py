@@ -115,5 +115,6 @@ class KnownChannels:
             x = x_t.clone().requires_grad_(True)  # a normal tensor: inference tensors take no gradient
             out = self.model_fn(x, t).float()
             x0, _ = self.diffusion.predict_xstart_and_eps(out, x, t)
-            (grad,) = torch.autograd.grad((mask * (x0 - known)).square().sum(), x)
+            # A mask made under inference mode (a caller's) cannot be saved for backward; a copy can.
+            (grad,) = torch.autograd.grad((mask.clone() * (x0 - known)).square().sum(), x)
         return out.detach(), grad

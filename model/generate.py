@@ -3,6 +3,10 @@
 Determinism contract: sample `i` of a request with seed `s` takes its x_T and every
 stochastic step's noise from its own generator seeded by `(s, i)` (model.seeding), so
 it does not depend on the count, the batch size or its batch neighbours.
+
+Known channels (a given mask, a given T1CE slice) travel as one more per-row input: each
+row keeps its own known values, and the model function of every batch is wrapped in
+`model.conditioning.KnownChannels`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from model.conditioning import KnownChannels
 from model.config import CheckpointConfig
 from model.seeding import PerSampleNoise
 from synthmri.channels import SEG, decode_labels
@@ -109,16 +114,20 @@ def generate(
     should_stop: StopFn | None = None,
     precision: str = "auto",
     limit: BatchLimit | None = None,
+    known: np.ndarray | None = None,
+    given: Sequence[str] = (),
+    guidance: float = 0.0,
 ) -> np.ndarray:
     """Sample `indices` of request `seed`; returns (N, C, H, W) float32 in [-1, 1].
 
     Progress is reported as (steps done, total steps) summed over all batches;
-    `should_stop` is passed to the sampler, which raises `SamplingCancelled`.
+    `should_stop` is passed to the sampler, which raises `SamplingCancelled`. With `given`
+    channels, row k keeps `known[k]` in them (see `generate_rows`).
     """
     rows = [(seed, int(i)) for i in indices]
     return generate_rows(ckpt, rows, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
                          progress=progress, should_stop=should_stop, precision=precision,
-                         limit=limit)  # fmt: skip
+                         limit=limit, known=known, given=given, guidance=guidance)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -135,6 +144,9 @@ def generate_rows(
     precision: str = "auto",
     limit: BatchLimit | None = None,
     dropped: Callable[[], Collection[int]] | None = None,
+    known: np.ndarray | None = None,
+    given: Sequence[str] = (),
+    guidance: float = 0.0,
 ) -> np.ndarray:
     """Sample rows given as (request seed, sample index), possibly of several requests; returns
     (N, C, H, W) float32 in [-1, 1], row k for `rows[k]`.
@@ -145,6 +157,10 @@ def generate_rows(
     remembers the size that fit. Progress is (sample-steps done, all sample-steps). `dropped()`
     names rows (positions in `rows`) no longer wanted: the network skips them, a batch of only
     such rows is abandoned, and their output rows are zeros.
+
+    `given` names channels whose values are known: row k keeps `known[k]` ((N, C, H, W), model
+    range; other channels ignored) in them and the rest is generated to match, with
+    reconstruction guidance of weight `guidance` (which differentiates the network, so not int8).
     """
     from model.samplers import SAMPLERS, SamplingCancelled
 
@@ -152,6 +168,7 @@ def generate_rows(
     limit = limit or BatchLimit()
     cfg = ckpt.config
     shape = (len(cfg.channels), cfg.image_size, cfg.image_size)
+    mask = _known_mask(cfg, known, given, guidance, precision, len(rows))
     if not rows:
         return np.zeros((0, *shape), dtype=np.float32)
     model_fn = ckpt.model_fn(device, precision)
@@ -182,6 +199,10 @@ def generate_rows(
                 gone = dropped()
                 return (should_stop is not None and should_stop()) or all(k in gone for k in group)
 
+        if mask is not None and known is not None:
+            # Outside the dropped-rows wrapper: KnownChannels sees the whole batch, dropped rows included.
+            fn = KnownChannels(fn, ckpt.diffusion, torch.from_numpy(known[group]).to(device), mask, guidance)
+
         try:
             # x_T is the first draw from each sample's stream; step noise continues the same stream.
             x_T = noise.randn(shape, device=device)
@@ -203,6 +224,26 @@ def generate_rows(
         out[group] = x_0.detach().float().clamp(-1.0, 1.0).cpu().numpy()
         finished += n_steps * len(group)
     return out
+
+
+def _known_mask(
+    cfg: CheckpointConfig, known: np.ndarray | None, given: Sequence[str], guidance: float, precision: str,
+    n: int,
+) -> torch.Tensor | None:
+    """The (C,) channel mask of the known channels, after checking the arguments that go with it."""
+    if not given:
+        return None
+    unknown = [c for c in given if c not in cfg.channels]
+    if unknown:
+        raise ValueError(f"given channels {unknown} are not channels of the model {cfg.channels}")
+    shape = (n, len(cfg.channels), cfg.image_size, cfg.image_size)
+    if known is None or known.shape != shape:
+        got = None if known is None else known.shape
+        raise ValueError(f"known values must have shape {shape}, got {got}")
+    if guidance > 0 and precision == "int8":
+        raise ValueError("reconstruction guidance differentiates the network, and int8 has no gradients; "
+                         "sample guided rows in a float precision (model.inference.differentiable_precision)")
+    return torch.tensor([1.0 if c in given else 0.0 for c in cfg.channels])
 
 
 def decode_sample(x: np.ndarray, config: CheckpointConfig) -> dict[str, np.ndarray]:

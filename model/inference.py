@@ -87,6 +87,14 @@ def resolved_precision_name(device: torch.device | str, precision: str = "auto")
     return next(name for name, d in _DTYPES.items() if d == dtype)
 
 
+def differentiable_precision(device: torch.device | str, precision: str) -> str:
+    """The precision name to sample in when the network must be differentiated (reconstruction
+    guidance): `precision` resolved, except that int8 kernels have no gradient, so int8 becomes the
+    float type its body runs in (what "auto" resolves to)."""
+    name = resolved_precision_name(device, precision)
+    return resolved_precision_name(device, "auto") if name == "int8" else name
+
+
 def _keep_float32(model: nn.Module) -> list[nn.Module]:
     """The small, precision-sensitive parts that stay float32 in a reduced-precision body."""
     keep: list[nn.Module] = []
@@ -138,7 +146,9 @@ class InferenceModel:
         n = x.shape[0]
         k = self.micro_batch or n
         outs = []
-        with torch.inference_mode():
+        # An input that requires grad (reconstruction guidance, model.conditioning) gets a
+        # differentiable call; every other call runs without autograd.
+        with torch.inference_mode(not x.requires_grad):
             xd = x.to(self.device, torch.float32)
             td = t.to(self.device)
             for start in range(0, n, k):

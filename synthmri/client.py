@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,23 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/models").json()["models"])
 
-    def submit(self, **request: Any) -> dict[str, Any]:
-        """POST /v1/jobs with the given request fields (None values are left out)."""
+    def submit(self, *, given: Mapping[str, Any] | None = None, **request: Any) -> dict[str, Any]:
+        """POST /v1/jobs with the given request fields (None values are left out).
+
+        `given` maps channels to known values the samples keep (the rest is generated to match):
+        a file path (NIfTI or grayscale PNG) or its bytes, an (H, W) array given to every sample,
+        an (H, W, count) array with one slice per sample, or a list with one of those per sample.
+        It is sent as multipart/form-data; `guidance=W` sets the reconstruction-guidance weight.
+        A value that cannot be sent raises `synthmri.given.GivenError`.
+        """
         body = {k: v for k, v in request.items() if v is not None}
-        return dict(self._request("POST", "/v1/jobs", json=body).json())
+        if not given:
+            return dict(self._request("POST", "/v1/jobs", json=body).json())
+        from synthmri.given import uploads_from
+
+        files = [(u.channel, (u.name, u.data, "application/octet-stream")) for u in uploads_from(given)]
+        form = {"request": json.dumps(body)}
+        return dict(self._request("POST", "/v1/jobs", data=form, files=files).json())
 
     def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/jobs/{job_id}", params={"wait": wait}).json())

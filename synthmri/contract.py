@@ -24,6 +24,10 @@ QUEUE = "synthmri"
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
 SAMPLERS: tuple[str, ...] = ("dpm++", "dpm++sde", "ddim", "ddpm")
 MAX_SEED = 2**63 - 1
+# Reconstruction guidance of known channels (model.conditioning): 16 measured best with the demo
+# model; far above a few hundred the trained network's gradients only add noise.
+DEFAULT_GUIDANCE = 16.0
+MAX_GUIDANCE = 1000.0
 
 Sampler = Literal["dpm++", "dpm++sde", "ddim", "ddpm"]
 OutputFormat = Literal["nifti", "png", "npz"]
@@ -56,15 +60,21 @@ TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cance
 ACTIVE_STATES = frozenset({JobState.queued, JobState.running})
 
 
-def _number_not_text(value: Any) -> Any:
-    """Refuse what a lax int field would convert: strings and booleans."""
-    if isinstance(value, str | bool):
-        raise PydanticCustomError("int_type", "Input should be an integer (a JSON number, not a {kind})",
-                                  {"kind": "string" if isinstance(value, str) else "boolean"})  # fmt: skip
-    return value
+def _not_text(error_type: str, expected: str) -> BeforeValidator:
+    """Refuse what a lax number field would convert: strings and booleans."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str | bool):
+            kind = "string" if isinstance(value, str) else "boolean"
+            message = f"Input should be {expected} (a JSON number, not a {{kind}})"
+            raise PydanticCustomError(error_type, message, {"kind": kind})
+        return value
+
+    return BeforeValidator(check)
 
 
-NOT_TEXT = BeforeValidator(_number_not_text)  # after the constraints, so the JSON schema keeps them
+NOT_TEXT = _not_text("int_type", "an integer")  # after the constraints, so the JSON schema keeps them
+NUMBER_NOT_TEXT = _not_text("float_type", "a number")
 
 
 class JobRequest(BaseModel):
@@ -110,6 +120,14 @@ class JobRequest(BaseModel):
         min_length=1,
         description="Per-sample outputs: nifti (BraTS naming), png, and/or npz (N×H×W×C uint8).",
     )
+    guidance: Annotated[float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False), NUMBER_NOT_TEXT] | None = (
+        Field(
+            default=None,
+            description="Reconstruction-guidance weight for known channels, which are sent as files of "
+            "a multipart/form-data request (this JSON in its `request` field). 0: the known channels "
+            f"are only substituted; absent: {DEFAULT_GUIDANCE:g}. Only with files.",
+        )
+    )
 
     @model_validator(mode="after")
     def _check(self) -> JobRequest:
@@ -140,6 +158,36 @@ def resolve_sampling(
     return name, DEFAULT_STEPS[name]
 
 
+GivenApplies = Literal["all", "each", "slices"]
+
+
+class GivenInput(BaseModel):
+    """One uploaded file of a known channel, as stored with the job."""
+
+    channel: str
+    file: str = Field(description="the uploaded bytes, under the job directory (inputs/…)")
+    sha256: str = Field(description="sha256 of the uploaded bytes")
+    applies: GivenApplies = Field(
+        description="all: its one slice is given to every sample; each: to the one sample in `samples`; "
+        "slices: slice k along the volume's last axis to sample k"
+    )
+    samples: list[int] = Field(description="the sample indices it is given to")
+    normalisation: str = Field(description="how its values were mapped to the model range")
+    orientation: str = Field(description="how its axes were matched to the outputs' orientation")
+
+
+class Given(BaseModel):
+    """The known channels of a job (uploaded with it) and how they steer sampling."""
+
+    channels: list[str] = Field(description="the known channels, in model order")
+    guidance: float = Field(description="reconstruction-guidance weight (0: substitution only)")
+    inputs: list[GivenInput]
+
+    def signature(self) -> str:
+        """What a sampling batch must share with this job beyond model, sampler and steps."""
+        return f"{'+'.join(self.channels)}@{self.guidance!r}"
+
+
 class JobSpec(BaseModel):
     """The resolved, immutable description of a job (stored in Redis, read by workers)."""
 
@@ -158,6 +206,7 @@ class JobSpec(BaseModel):
     batch_size: int
     created_at: float
     request: dict[str, Any] = Field(description="the request as the client sent it")
+    given: Given | None = Field(default=None, description="known channels uploaded with the request")
 
     def ranges(self) -> list[tuple[int, int]]:
         """Contiguous [start, stop) sample index ranges, one Celery task each."""
@@ -196,6 +245,8 @@ class JobView(BaseModel):
     image_size: int
     progress: Progress
     timings: Timings
+    given: list[str] = Field(default_factory=list, description="channels uploaded as known (not generated)")
+    guidance: float | None = Field(default=None, description="reconstruction-guidance weight, with `given`")
     cancel_requested: bool = False
     error: str | None = None
     links: dict[str, str] = Field(default_factory=dict)
@@ -229,3 +280,4 @@ class Manifest(BaseModel):
     formats: list[OutputFormat]
     device: str
     precision: str
+    given: Given | None = Field(default=None, description="the uploaded known channels, when there were any")

@@ -7,7 +7,8 @@ import sys
 
 from synthmri.cli import CliError, make_parser
 from synthmri.client import Client, ServiceError
-from synthmri.contract import SAMPLERS
+from synthmri.contract import DEFAULT_GUIDANCE, SAMPLERS
+from synthmri.given import GivenError, parse_given_options
 
 
 def main(argv: list[str]) -> int:
@@ -25,12 +26,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's recommended one)")
     p.add_argument("--steps", type=int, help="sampler steps (default: recommended, else per sampler)")
     p.add_argument("--formats", default="nifti,png", help="comma-separated: nifti,png,npz")
+    p.add_argument("--given", action="append", default=[], metavar="CHANNEL=FILE",
+                   help="a known channel the samples keep (NIfTI or grayscale PNG), e.g. seg=mask.nii.gz; "
+                   "repeat a channel to give one file per sample, in order")  # fmt: skip
+    p.add_argument("--guidance", type=float,
+                   help=f"reconstruction-guidance weight for --given channels (default {DEFAULT_GUIDANCE:g}; "
+                   "0: substitution only)")  # fmt: skip
     p.add_argument("--out", required=True, help="directory for the unpacked results")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not args.api_key:
         raise CliError("no API key: pass --api-key KEY or set SYNTHMRI_API_KEY")
+    if args.guidance is not None and not args.given:
+        raise CliError("--guidance applies to known channels: give them with --given CHANNEL=FILE")
+    try:
+        given = parse_given_options(args.given)
+    except GivenError as e:
+        raise CliError(e.detail) from None
 
     from tqdm import tqdm
 
@@ -44,6 +57,8 @@ def main(argv: list[str]) -> int:
                 sampler=args.sampler,
                 steps=args.steps,
                 formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+                guidance=args.guidance,
+                given=given,
             )
             bar = tqdm(total=100, unit="%", desc=f"job {job['id']}", disable=args.quiet, file=sys.stderr)
 

@@ -8,8 +8,9 @@ Layout (all keys under `synthmri:`):
   owner:{sha}        zset  job ids of one API key by creation time
   unqueued           zset  job ids recorded but not yet confirmed as queued, by creation time
   job:{id}:claim:{start}  str  the task sampling that range in its batch (expires unless renewed)
-  batch:{sha}:{sampler}:{steps}  zset  waiting ranges ("{id}:{start}:{stop}") by job creation
-                     time: work whose samples can share one sampling batch (cross-request batching)
+  batch:{sha}:{sampler}:{steps}[:{given}]  zset  waiting ranges ("{id}:{start}:{stop}") by job
+                     creation time: work whose samples can share one sampling batch (cross-request
+                     batching); `given` (known channels and guidance) only for jobs with known channels
   model-faults       hash  checkpoint sha256 → why a worker could not load it
   stats:*            counters read by /metrics (shared by every API process)
 
@@ -173,8 +174,8 @@ return failed
 """
 
 # Cross-request batching. A worker that takes a range task claims its own range and other
-# waiting ranges of the same batch index (same model, sampler, steps) up to `room` samples, and
-# samples them in one batch. A claim is a key with the claimer's task id that expires unless the
+# waiting ranges of the same batch index (same model, sampler, steps, known channels) up to `room`
+# samples, and samples them in one batch. A claim is a key with the claimer's task id that expires unless the
 # claimer renews it, so a dead claimer's ranges become claimable again. Ranges of jobs no longer
 # queued/running (or cancelled) are dropped from the index. Its own range is claimed whatever the
 # room (its message was delivered to it), unless another live task holds it: then that task's
@@ -257,14 +258,24 @@ def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
 
-def batch_key(sha256: str, sampler: str, steps: int) -> str:
+BATCH_PREFIX = PREFIX + "batch:"
+
+
+def batch_key(sha256: str, sampler: str, steps: int, given: str = "") -> str:
     """The index of waiting ranges that may share a sampling batch: everything that shapes a
-    sample besides its (seed, index) noise — the weights, the sampler and its steps."""
-    return f"{PREFIX}batch:{sha256}:{sampler}:{steps}"
+    sample besides its (seed, index) noise and its own known values — the weights, the sampler
+    and its steps, and which channels are known with what guidance (`Given.signature`)."""
+    return f"{BATCH_PREFIX}{sha256}:{sampler}:{steps}" + (f":{given}" if given else "")
 
 
 def spec_batch_key(spec: JobSpec) -> str:
-    return batch_key(spec.model_sha256, spec.sampler, spec.steps)
+    given = spec.given.signature() if spec.given is not None else ""
+    return batch_key(spec.model_sha256, spec.sampler, spec.steps, given)
+
+
+def batch_key_sha256(key: str) -> str:
+    """The checkpoint sha256 a batch index is for."""
+    return key.removeprefix(BATCH_PREFIX).split(":")[0]
 
 
 def range_member(job_id: str, start: int, stop: int) -> str:

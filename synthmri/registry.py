@@ -22,6 +22,7 @@ from typing import Any
 
 from synthmri.channels import CHANNEL_SETS, resolve_for_channels
 from synthmri.contract import DEFAULT_STEPS, SAMPLERS, Sampler, resolve_sampling
+from synthmri.given import ModelSlices
 from synthmri.hashing import CHECKPOINT_FILES, checkpoint_sha256
 from synthmri.modelcard import read_card, recommendation
 from synthmri.weights import verify_safetensors
@@ -44,6 +45,10 @@ class ModelInfo:
     samplers: tuple[str, ...] = SAMPLERS
     default_steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))
     card: dict[str, Any] | None = None  # eval.json, when it was written for these weights
+    slices: ModelSlices | None = None  # what a known channel must fit (from config.json)
+
+    def model_slices(self) -> ModelSlices:
+        return self.slices or ModelSlices(self.name, self.channels, self.image_size)
 
     @property
     def recommended(self) -> tuple[str, int] | None:
@@ -145,6 +150,7 @@ def read_model(directory: Path) -> ModelInfo:
         image_size = int(cfg["model"]["image_size"])
         diffusion_steps = int(cfg["diffusion"]["steps"])
         provenance = dict(cfg.get("provenance", {}))
+        slices = ModelSlices.from_config(directory.name, cfg) if channel_set in CHANNEL_SETS else None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise ModelUnusable("its config.json is not a readable checkpoint config") from None
     if channel_set not in CHANNEL_SETS:
@@ -160,6 +166,7 @@ def read_model(directory: Path) -> ModelInfo:
         sha256=sha256,
         path=directory,
         card=read_card(directory, sha256),
+        slices=slices,
     )
 
 

@@ -124,10 +124,11 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="Upper bound for `GET /v1/jobs/{id}?wait=S`."
     )
     max_request_bytes: int = Field(
-        default=65536,
+        default=32 * 1024 * 1024,
         ge=1024,
-        description="Largest request body the API reads; a larger one is answered 413 without "
-        "being read to the end.",
+        description="Largest request body the API reads, uploads of known channels included (the "
+        "default takes 16 samples' four 256² float32 NIfTI slices uncompressed, with room to spare); a "
+        "larger one is answered 413 without being read to the end.",
     )
     redis_timeout_seconds: float = Field(
         default=1.0,

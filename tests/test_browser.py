@@ -7,6 +7,7 @@ screenshot to docs/web-ui.png (the README shows it).
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -170,3 +172,40 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
     names = zipfile.ZipFile(archive).namelist()
     assert any(n.endswith(f"{job_id}_0002_seg.nii.gz") for n in names), names
     assert any(n.endswith("manifest.json") for n in names), names
+
+    if not UPDATE_DOCS:
+        given_mask(driver, stack, tmp_path)
+
+
+def given_mask(driver: Any, stack: LocalStack, tmp_path: Path) -> None:
+    """A mask chosen in the seg file input comes back in the job's seg; a mask of the wrong size
+    shows the API's problem detail on the page."""
+    from tests.given_files import nifti, tumour
+
+    by_id = lambda name: driver.find_element("id", name)  # noqa: E731
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    first = by_id("job-id").text
+    bad = tmp_path / "big-mask.nii.gz"
+    bad.write_bytes(nifti(np.zeros((64, 64), dtype=np.uint8)))
+    by_id("given-seg").send_keys(str(bad))
+    by_id("submit").click()
+    deadline = time.monotonic() + 30  # not _wait: the page's error is what this waits for
+    while not (by_id("error").is_displayed() and by_id("error").text) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    error = by_id("error").text
+    assert "64×64" in error and "32×32" in error, error
+
+    mask = tmp_path / "mask.nii.gz"
+    mask.write_bytes(nifti(tumour()))
+    driver.execute_script("document.getElementById('given-seg').value = ''")
+    by_id("given-seg").send_keys(str(mask))
+    by_id("submit").click()
+    _wait(lambda: by_id("job-id").text != first and by_id("result-card").is_displayed(), 180,
+          "the result with a given mask", driver)  # fmt: skip
+    job_id = by_id("job-id").text
+    job = httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
+    assert (job["given"], job["guidance"]) == (["seg"], 16.0)
+    url = f"{stack.url}/v1/jobs/{job_id}/samples/1/seg.nii.gz"
+    data = httpx.get(url, headers=headers, timeout=30).content
+    seg = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj)[:, :, 0]
+    np.testing.assert_array_equal(seg, tumour())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synthmri.channels import SEG, decode_labels, encode_labels
+from synthmri.intensity import normalise_percentile, research_uint8
 
 IMAGE_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 RESEARCH_SIZE = 256
@@ -41,23 +42,6 @@ def brain_mask(volumes: Mapping[str, np.ndarray], modalities: Sequence[str] = IM
     for m in modalities:
         mask |= volumes[m] != 0
     return mask
-
-
-def normalise_percentile(
-    volume: np.ndarray, mask: np.ndarray, low: float = 0.5, high: float = 99.5
-) -> np.ndarray:
-    """Clip to the [low, high] percentiles of brain voxels, scale to [-1, 1]; background −1."""
-    out = np.full(volume.shape, -1.0, dtype=np.float32)
-    values = volume[mask]
-    if values.size == 0:
-        return out
-    lo, hi = np.percentile(values, [low, high])
-    if hi <= lo:  # a constant volume carries no contrast: map the brain to mid-grey
-        out[mask] = 0.0
-        return out
-    scaled = (np.clip(values, lo, hi) - lo) / (hi - lo)
-    out[mask] = (scaled * 2.0 - 1.0).astype(np.float32)
-    return out
 
 
 def slice_brain_fraction(mask: np.ndarray) -> np.ndarray:
@@ -221,14 +205,6 @@ def _has_tumour(volumes: Mapping[str, np.ndarray], z: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # research mode
-
-
-def research_uint8(volume: np.ndarray) -> np.ndarray:
-    """uint8(vol / vol.max() * 255): the original scaling (truncation, not rounding)."""
-    peak = float(volume.max())
-    if peak <= 0:
-        return np.zeros(volume.shape, dtype=np.uint8)
-    return (volume / peak * 255).astype(np.uint8)
 
 
 def research_seg(seg: np.ndarray) -> np.ndarray:

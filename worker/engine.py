@@ -19,14 +19,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from synthmri import __version__
 from synthmri.atomic import atomic_write
 from synthmri.contract import JobSpec, JobState, Manifest
-from synthmri.jobstore import STORE_ERRORS, JobStore, parse_member, range_member, spec_batch_key
+from synthmri.jobstore import (
+    STORE_ERRORS,
+    JobStore,
+    batch_key_sha256,
+    parse_member,
+    range_member,
+    spec_batch_key,
+)
 from synthmri.outputs.layout import PARTS_DIR, RunNames, part_path, sample_files, write_expiry
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
@@ -39,7 +46,7 @@ log = logging.getLogger("synthmri.worker")
 
 # JobSpec fields that go into the manifest under the same key.
 MANIFEST_SPEC_FIELDS = {"model", "channel_set", "channels", "image_size", "seed", "sampler", "steps",
-                        "request", "formats"}  # fmt: skip
+                        "request", "formats", "given"}  # fmt: skip
 
 
 class JobError(RuntimeError):
@@ -76,6 +83,29 @@ def sampling_precision(setting: str, device: str) -> str:
     if (device == "cpu" and setting == "fp16") or (device != "cpu" and setting == "int8"):
         setting = "auto"
     return resolved_precision_name(device, setting)  # raises with the reason if int8 is unsupported here
+
+
+def job_precision(spec: JobSpec, settings: Settings, device: str) -> str:
+    """The precision a job samples in: this worker's, in a float type when the job's known channels
+    are guided (guidance differentiates the network, which int8 cannot)."""
+    from model.inference import differentiable_precision
+
+    precision = sampling_precision(settings.precision, device)
+    if spec.given is not None and spec.given.guidance > 0:
+        return differentiable_precision(device, precision)
+    return precision
+
+
+def known_arguments(
+    spec: JobSpec, directory: Path, indices: list[int], channels: tuple[str, ...]
+) -> dict[str, Any]:
+    """generate()'s known-channel arguments for these samples of the job (none without known channels)."""
+    from synthmri.given import load_known
+
+    if spec.given is None:
+        return {}
+    return {"known": load_known(directory, spec.given, channels, indices), "given": spec.given.channels,
+            "guidance": spec.given.guidance}  # fmt: skip
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
@@ -121,8 +151,9 @@ def sample_range(
         device=device,
         progress=progress,
         should_stop=should_stop,
-        precision=sampling_precision(settings.precision, device),
+        precision=job_precision(spec, settings, device),
         limit=limit,
+        **known_arguments(spec, directory, todo, ckpt.config.channels),
     )
     write_samples(spec, directory, ckpt, todo, x)
     return len(todo)
@@ -199,6 +230,8 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
             raw.append(part["raw"])
     indices = list(range(spec.count))
     files = [name for i in indices for name in job_sample_files(spec, i)]
+    if spec.given is not None:
+        files += [g.file for g in spec.given.inputs]  # the uploads travel with the samples they shaped
     npz = np.stack(raw) if "npz" in spec.formats else None
     files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz)
     timings = {"created_at": spec.created_at, "finalized_at": t0}
@@ -206,15 +239,15 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
                        run_seconds=t0 - started_at)  # fmt: skip
     # The manifest repeats what the spec fixed about the samples, plus what only the worker knows.
-    from_spec = spec.model_dump(mode="json", include=MANIFEST_SPEC_FIELDS)
+    from_spec = spec.model_dump(mode="json", include=MANIFEST_SPEC_FIELDS, exclude_none=True)
     manifest = Manifest.model_validate(
         make_manifest(
             **from_spec, sha256=spec.model_sha256, job_id=spec.id, indices=indices, files=files,
             timings=timings, version=__version__, device=device,
-            precision=sampling_precision(settings.precision, device),
+            precision=job_precision(spec, settings, device),
         )
     )  # fmt: skip
-    write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json"))
+    write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json", exclude_none=True))
     write_expiry(directory, time.time() + settings.result_ttl_seconds)
     return manifest
 
@@ -273,7 +306,7 @@ def process_range(
     if key is None:
         return outcome
     device = resolve_device(settings.device)
-    sha = key.split(":")[-3]
+    sha = batch_key_sha256(key)
     lease = max(1.0, settings.visibility_timeout_seconds / 2)
     while True:
         room = batch_limit(sha, device).clamp(settings.max_batch_size)
@@ -388,7 +421,14 @@ def sample_parts(
     for p in parts[1:]:
         if p.spec.model_sha256 != ckpt.sha256:
             raise JobError(f"job {p.spec.id} is for another checkpoint than its batch")
+        if spec_batch_key(p.spec) != spec_batch_key(spec0):
+            raise JobError(f"job {p.spec.id} has other known channels or guidance than its batch")
     rows = [(p.spec.seed, i) for p in parts for i in p.todo]
+    known: dict[str, Any] = {}
+    if spec0.given is not None:
+        # Each job's rows carry its own known values; the batch shares which channels and the guidance.
+        each = [known_arguments(p.spec, p.directory, p.todo, ckpt.config.channels) for p in parts]
+        known = {**each[0], "known": np.concatenate([k["known"] for k in each])}
     job_of_row = [p.spec.id for p in parts for _ in p.todo]
     jobs = list(dict.fromkeys(job_of_row))
     cancelled: set[str] = set()
@@ -419,8 +459,8 @@ def sample_parts(
     limit = batch_limit(ckpt.sha256, device)
     x = generate_rows(
         ckpt, rows, sampler=spec0.sampler, steps=spec0.steps, batch_size=limit.clamp(settings.max_batch_size),
-        device=device, progress=progress, precision=sampling_precision(settings.precision, device),
-        limit=limit, dropped=poll_cancels,
+        device=device, progress=progress, precision=job_precision(spec0, settings, device),
+        limit=limit, dropped=poll_cancels, **known,
     )  # fmt: skip
     out: dict[str, np.ndarray] = {}
     k = 0

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JsonBody, OwnerDep, ServicesDep
-from api.problems import Problem, answers, clip
+from api.deps import OwnerDep, ServicesDep
+from api.problems import Problem, answers, clip, invalid
+from api.uploads import REQUEST_BODY, read_submission
 from synthmri.contract import (
     ACTIVE_STATES,
-    JobRequest,
     JobSpec,
     JobState,
     JobView,
@@ -35,6 +35,7 @@ from synthmri.contract import (
     new_job_id,
     new_seed,
 )
+from synthmri.given import GivenChannels, GivenError, channel_set_with, prepare_known
 from synthmri.jobstore import STORE_ERRORS, JobRecord
 from synthmri.outputs.layout import (
     EXTENSION_FORMATS,
@@ -90,6 +91,8 @@ def view(services: ServicesDep, rec: JobRecord) -> JobView:
         steps=spec.steps,
         formats=spec.formats,
         image_size=spec.image_size,
+        given=spec.given.channels if spec.given is not None else [],
+        guidance=spec.given.guidance if spec.given is not None else None,
         progress=Progress(samples_done=done, samples_total=spec.count, fraction=round(rec.fraction, 4)),
         timings=t,
         cancel_requested=rec.cancel_requested and not rec.state.terminal,
@@ -121,11 +124,6 @@ async def reread(services: ServicesDep, rec: JobRecord) -> JobRecord:
     return now
 
 
-def invalid(field: str, detail: str) -> Problem:
-    """A 422 about one field of the request body, listed in `errors` like a validation error."""
-    return Problem(422, detail, errors=[{"loc": ["body", field], "msg": detail, "type": "value_error"}])
-
-
 def _file(media_type: str, what: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI answers of a download route."""
     return {200: {"content": {media_type: {}}, "description": what}, **answers(401, 404, 409, 410, 422, 503)}
@@ -136,40 +134,55 @@ def _file(media_type: str, what: str) -> dict[int | str, dict[str, Any]]:
     status_code=202,
     response_model=JobView,
     summary="Submit a generation job",
+    description="A JSON `JobRequest`; or, to give known channels (a mask, a T1CE slice) that the samples "
+    "keep while the model generates the rest, multipart/form-data with the JobRequest JSON in the field "
+    "`request` and files in fields named after channels.",
     responses={
         202: {"headers": {"Location": {"description": "URL of the new job", "schema": {"type": "string"}}}},
         **answers(401, 413, 415, 422, 429, 503),
     },
+    openapi_extra={"requestBody": REQUEST_BODY},
 )
 async def submit_job(
-    body: JobRequest,
+    request: Request,
     response: Response,
     services: ServicesDep,
     owner: OwnerDep,
-    _json: JsonBody,
 ) -> JobView:
     settings = services.settings
+    submission = await read_submission(request, settings.max_count)
+    body, uploads = submission.request, submission.uploads
     if body.count > settings.max_count:
         raise invalid(
             "count", f"count {body.count} exceeds this server's limit of {settings.max_count} samples per "
             "job; split it into several jobs (use different seeds or consecutive requests)",
         )  # fmt: skip
     registry = (await services.models.scan()).without_faults(await services.store.model_faults())
+    # A request by channel set with known channels outside it needs a model that has both.
+    channels = body.channels
+    if body.model is None:
+        channels = channel_set_with(body.channels, [u.channel for u in uploads])
     try:
-        info = resolve_model(registry.models, body.model, body.channels, registry.unavailable)
+        info = resolve_model(registry.models, body.model, channels, registry.unavailable)
     except RegistryError as e:
         raise invalid("model" if body.model is not None else "channels", str(e)) from None
     sampler, steps = info.sampling(body.sampler, body.steps)
     if steps > info.diffusion_steps:
         raise invalid("steps", f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
+    outputs = [c for c in info.channels if c in wanted]
+    try:
+        known = await run_in_threadpool(prepare_known, uploads, info.model_slices(), count=body.count,
+                                        outputs=outputs, guidance=body.guidance)  # fmt: skip
+    except GivenError as e:
+        raise invalid(e.field, e.detail) from None
     spec = JobSpec(
         id=new_job_id(),
         owner=owner,
         model=info.name,
         model_sha256=info.sha256,
         channel_set=info.channel_set,
-        channels=[c for c in info.channels if c in wanted],
+        channels=outputs,
         image_size=info.image_size,
         count=body.count,
         seed=body.seed if body.seed is not None else new_seed(),
@@ -179,9 +192,18 @@ async def submit_job(
         batch_size=settings.task_batch_size,
         created_at=time.time(),
         request=body.model_dump(mode="json", exclude_none=True),
+        given=known.record() if known is not None else None,
     )
-    active = await services.store.create(spec, settings.result_ttl_seconds, settings.max_active_jobs_per_key)
+    directory = Path(settings.results_dir) / spec.id
+    await _store_known(known, directory)
+    try:
+        active = await services.store.create(spec, settings.result_ttl_seconds,
+                                             settings.max_active_jobs_per_key)  # fmt: skip
+    except BaseException:
+        await run_in_threadpool(shutil.rmtree, directory, True)
+        raise
     if active is not None:
+        await run_in_threadpool(shutil.rmtree, directory, True)
         raise Problem(
             429, f"this API key already has {active} queued or running jobs (limit "
             f"{settings.max_active_jobs_per_key}); wait for one to finish or cancel one",
@@ -194,6 +216,7 @@ async def submit_job(
         # If Redis cannot take this either, the workers' sweep fails the unconfirmed job.
         with contextlib.suppress(*STORE_ERRORS):
             await services.store.fail(spec.id, "the task queue was unreachable; submit the job again")
+        await run_in_threadpool(shutil.rmtree, directory, True)
         raise Problem(
             503, f"the task queue is unreachable ({type(e).__name__}); try again shortly",
             headers={"Retry-After": "5"},
@@ -206,6 +229,20 @@ async def submit_job(
     if rec is None:
         raise Problem(503, "the job store lost the new job (Redis restarted?); submit it again")
     return view(services, rec)
+
+
+async def _store_known(known: GivenChannels | None, directory: Path) -> None:
+    """Write the uploads where the worker reads them, before the job exists (so a worker never
+    sees a job without its inputs); nothing stays behind when that fails."""
+    if known is None:
+        return
+    try:
+        await run_in_threadpool(known.write, directory)
+    except OSError as e:
+        await run_in_threadpool(shutil.rmtree, directory, True)
+        log.warning("cannot store the known channels of a new job: %s", type(e).__name__)
+        raise Problem(503, f"the results directory cannot take the uploaded files ({type(e).__name__}); "
+                      "try again shortly", headers={"Retry-After": "5"}) from None  # fmt: skip
 
 
 @router.get(

@@ -126,6 +126,37 @@ function describeModel() {
   $("model-info").textContent = parts.join(" · ");
   $("model-card").textContent = cardSummary(m);
   syncSteps();
+  renderGivenInputs(m);
+}
+
+// One optional file input per channel of the model that serves the request: a known channel
+// may be any channel of that model, also one the request does not ask back.
+function renderGivenInputs(m) {
+  const box = $("given-inputs");
+  const kept = {};
+  for (const input of box.querySelectorAll("input[type=file]")) kept[input.name] = input;
+  box.innerHTML = "";
+  for (const ch of m.channels) {
+    const label = document.createElement("label");
+    label.textContent = ch;
+    const input = kept[ch] || document.createElement("input");
+    input.type = "file";
+    input.multiple = true;
+    input.name = ch;
+    input.id = `given-${ch}`;
+    input.accept = ".nii,.nii.gz,.gz,.png,image/png";
+    label.appendChild(input);
+    box.appendChild(label);
+  }
+}
+
+// The files chosen for known channels, as [channel, File] in the order they were picked.
+function givenFiles() {
+  const files = [];
+  for (const input of $("given-inputs").querySelectorAll("input[type=file]")) {
+    for (const f of input.files) files.push([input.name, f]);
+  }
+  return files;
 }
 
 // One line from the model card: the recommendation and the headline figures against real data.
@@ -198,20 +229,24 @@ async function submitJob(event) {
   };
   if ($("sampler").value) body.sampler = $("sampler").value;
   if ($("steps").value) body.steps = Number($("steps").value);
+  if ($("guidance").value) body.guidance = Number($("guidance").value);
   if (!body.channels) {
     showError("Choose a channel set (enter the API key first if the list is empty).");
     return;
   }
+  // Known channels go as multipart/form-data: the same JSON in `request`, files named after channels.
+  const files = givenFiles();
+  let request = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  if (files.length) {
+    const form = new FormData();
+    form.append("request", JSON.stringify(body));
+    for (const [channel, file] of files) form.append(channel, file, file.name);
+    request = { method: "POST", body: form }; // the browser sets the multipart boundary
+  }
   $("submit").disabled = true;
   $("result-card").hidden = true;
   try {
-    const job = await (
-      await api("/v1/jobs", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-      })
-    ).json();
+    const job = await (await api("/v1/jobs", request)).json();
     state.job = job;
     $("job-id").textContent = job.id;
     $("progress-card").hidden = false;

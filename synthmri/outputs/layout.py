@@ -3,7 +3,8 @@
 A job directory `{results_dir}/{job_id}/` holds, per sample and channel, the files named
 by `sample_filename`, then the grid, the manifest, the archive of it all, optionally the
 research npz, and two hidden entries: the per-sample parts that mark a sample complete
-and the expiry marker that tells the sweeper when the directory may go.
+and the expiry marker that tells the sweeper when the directory may go. A job with known
+channels also has `inputs/`: the files as uploaded and the values the worker samples with.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ JOB_ARCHIVE = "archive.zip"
 JOB_NPZ = "samples.npz"
 PARTS_DIR = ".parts"
 EXPIRY_MARKER = ".expires"  # holds the unix time after which the directory may be removed
+INPUTS_DIR = "inputs"
+KNOWN_VALUES = f"{INPUTS_DIR}/known.npz"  # channel → (1 or count, H, W) float32 in the model range
 
 # Output format (as requested in a job's `formats`) → file extension, and the other way round.
 FORMAT_EXTENSIONS = {"nifti": "nii.gz", "png": "png"}
@@ -40,6 +43,19 @@ def sample_files(prefix: str, index: int, channels: Iterable[str], formats: Iter
     """The per-sample file names of sample `index`, channel by channel, in the given formats."""
     exts = [ext for fmt, ext in FORMAT_EXTENSIONS.items() if fmt in formats]
     return [sample_filename(prefix, index, channel, ext) for channel in channels for ext in exts]
+
+
+def input_filename(channel: str, applies: str, samples: list[int], ext: str) -> str:
+    """`inputs/{channel}_all.{ext}` (one slice for every sample), `inputs/{channel}_{i:04d}.{ext}`
+    (sample i's own file) or `inputs/{channel}_{first:04d}-{last:04d}.{ext}` (a volume, slice k
+    for sample k)."""
+    if applies == "all":
+        which = "all"
+    elif applies == "each":
+        which = sample_label(samples[0])
+    else:
+        which = f"{sample_label(samples[0])}-{sample_label(samples[-1])}"
+    return f"{INPUTS_DIR}/{channel}_{which}.{ext}"
 
 
 def part_path(directory: Path, index: int) -> Path:

@@ -56,13 +56,18 @@ def test_large_bodies_are_413_whether_declared_or_streamed(client: TestClient, s
     assert post_raw(client, json.dumps({"channels": "t1ce", "count": 1}).encode()).status_code == 202
 
 
-@pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
-)
-def test_non_json_bodies_are_415(client: TestClient, content_type: str | None) -> None:
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_bodies_neither_json_nor_multipart_are_415(client: TestClient, content_type: str | None) -> None:
     r = post_raw(client, b'{"channels": "t1ce", "count": 1}', content_type)
     assert_problem(r, 415, "Content-Type: application/json")
+    assert "multipart/form-data" in r.json()["detail"]
     assert (content_type or "no Content-Type") in r.json()["detail"]
+
+
+def test_json_sent_as_multipart_is_422(client: TestClient) -> None:
+    """multipart/form-data carries known channels (tests/api/test_uploads.py); bare JSON is not multipart."""
+    r = post_raw(client, b'{"channels": "t1ce", "count": 1}', "multipart/form-data")
+    assert_problem(r, 422, "multipart body cannot be read")
 
 
 def test_json_media_types_with_parameters_are_accepted(client: TestClient) -> None:
