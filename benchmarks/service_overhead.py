@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = args.count
     env = {"SYNTHMRI_MAX_BATCH_SIZE": str(n), "SYNTHMRI_MAX_COUNT": str(n),
-           "SYNTHMRI_TASK_BATCH_SIZE": str(n), "SYNTHMRI_PROGRESS_INTERVAL_SECONDS": "0.5"}  # fmt: skip
+           "SYNTHMRI_TASK_BATCH_SIZE": str(n), "SYNTHMRI_PROGRESS_INTERVAL_SECONDS": "0.5",
+           # The in-process reference runs at normal priority, so the worker does too.
+           "SYNTHMRI_WORKER_NICENESS": "0"}  # fmt: skip
     body = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "count": n, "seed": 3}
     with running_stack(args.model, env) as (stack, key):
         api = Client(stack, key)

@@ -24,7 +24,7 @@ from synthmri.channels import CHANNEL_SETS, resolve_for_channels
 from synthmri.contract import DEFAULT_STEPS, SAMPLERS, Sampler, resolve_sampling
 from synthmri.given import ModelSlices
 from synthmri.hashing import CHECKPOINT_FILES, checkpoint_sha256
-from synthmri.modelcard import read_card, recommendation
+from synthmri.modelcard import CARD_FILE, read_card, recommendation
 from synthmri.weights import verify_safetensors
 
 
@@ -139,8 +139,40 @@ def _checked_sha256(directory: Path) -> str:
     return cached[0]
 
 
+_infos: dict[str, tuple[tuple[tuple[int, int, int], ...], ModelInfo]] = {}
+
+
+def _file_stats(directory: Path) -> tuple[tuple[int, int, int], ...]:
+    """(inode, size, mtime) of the files a ModelInfo is read from; (0, 0, 0) for a missing one."""
+    out = []
+    for name in (*CHECKPOINT_FILES, CARD_FILE):
+        try:
+            st = directory.joinpath(name).stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append((0, 0, 0))
+    return tuple(out)
+
+
 def read_model(directory: Path) -> ModelInfo:
-    """ModelInfo of one checkpoint directory; ModelUnusable with a one-line reason if unusable."""
+    """ModelInfo of one checkpoint directory; ModelUnusable with a one-line reason if unusable.
+
+    Every submission resolves its model from a fresh scan, so a directory whose files are
+    unchanged (same inode, size and mtime) answers from the last read instead of parsing its
+    config and model card again.
+    """
+    stats = _file_stats(directory)
+    with _cache_lock:
+        cached = _infos.get(str(directory))
+    if cached is not None and cached[0] == stats:
+        return cached[1]
+    info = _read_model(directory)
+    with _cache_lock:
+        _infos[str(directory)] = (stats, info)
+    return info
+
+
+def _read_model(directory: Path) -> ModelInfo:
     for name in CHECKPOINT_FILES:
         if not (directory / name).is_file():
             raise ModelUnusable(f"it has no {name}")

@@ -315,6 +315,7 @@ def process_range(
             outcome = "skipped: sampled in another task's batch"
         if not members:
             return outcome
+        members = gather(store, key, holder, lease, room, members, settings.batch_gather_seconds)
         with ClaimLease(store, holder, lease, members):
             results = process_batch(store, settings, members, holder)
         store.settle_ranges(key, holder, members)
@@ -324,6 +325,35 @@ def process_range(
         merged = [f"{m}: {r}" for m, r in results.items() if m != range_member(job_id, start, stop)]
         if merged:
             log.info("task %s sampled with its batch: %s", holder, "; ".join(merged))
+
+
+# A gathering worker stops waiting after this long without a new range of its batch index.
+GATHER_QUIET_SECONDS = 0.02
+
+
+def samples_in(members: list[str]) -> int:
+    return sum(stop - start for _, start, stop in map(parse_member, members))
+
+
+def gather(store: JobStore, key: str, holder: str, lease: float, room: int, members: list[str],
+           seconds: float) -> list[str]:  # fmt: skip
+    """`members` plus ranges of the same batch index that arrive while the batch has room.
+
+    Jobs that clients submit together reach the worker a few milliseconds apart, and the first
+    one's task would otherwise start sampling alone. Waiting ends at the first quiet period
+    without a new range (so a lone job waits GATHER_QUIET_SECONDS), at a full batch, or after
+    `seconds`. Claims renewed by each call stay this task's.
+    """
+    held = list(members)
+    deadline = time.monotonic() + seconds
+    while samples_in(held) < room and time.monotonic() + GATHER_QUIET_SECONDS <= deadline:
+        time.sleep(GATHER_QUIET_SECONDS)
+        _, now = store.claim_ranges(key, holder, lease, room, time.time(), None)
+        new = [m for m in now if m not in held]
+        if not new:
+            break
+        held += new
+    return held
 
 
 class ClaimLease(threading.Thread):

@@ -120,3 +120,21 @@ def test_worker_load_faults_make_a_model_unavailable(tmp_path: Path) -> None:
     assert faulty.unavailable["aaa"].reason == "a worker could not load it: tensor 'x' has the wrong shape"
     assert resolve_model(faulty.models, None, "t1ce+seg", faulty.unavailable).name == "bbb"
     assert registry.without_faults({"0" * 64: "other checkpoint"}).models.keys() == {"aaa", "bbb"}
+
+
+def test_an_unchanged_model_is_not_read_again_and_a_changed_one_is(tmp_path: Path) -> None:
+    import json
+    import os
+
+    d = write_model(tmp_path, "two", "t1ce+seg")
+    first = scan_models(tmp_path)["two"]
+    assert scan_models(tmp_path)["two"] is first  # the last read, not a re-parse
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["provenance"] = {"steps": 1}  # same length as {"steps": 0}: only the mtime tells
+    (d / "config.json").write_text(json.dumps(cfg))
+    st = (d / "config.json").stat()
+    os.utime(d / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    second = scan_models(tmp_path)["two"]
+    assert second.provenance == {"steps": 1} and second.sha256 != first.sha256
+    (d / "eval.json").write_text("{}")  # a card appearing is a change too
+    assert scan_models(tmp_path)["two"] is not second

@@ -218,3 +218,46 @@ def test_a_lapsed_claim_is_taken_by_any_task(setup: tuple[JobStore, Settings]) -
     time.sleep(0.3)
     assert engine.process_range(store, settings, b.id, 0, 2, "task-b") == "succeeded"
     assert store.state(a.id) == JobState.succeeded
+
+
+def test_a_worker_gathers_jobs_that_arrive_while_its_batch_has_room(
+    setup: tuple[JobStore, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs submitted together reach the worker milliseconds apart: the first task waits for
+    them (each arrival during a quiet period extends the wait) up to the batch's room."""
+    store, settings = setup
+    first = submit(store, settings, seed=1, count=2, batch_size=2)
+    key = spec_batch_key(first)
+    arrivals: list[Callable[[], JobSpec]] = [
+        lambda: submit(store, settings, seed=2, count=2, batch_size=2),
+        lambda: submit(store, settings, seed=3, count=2, batch_size=2),
+        lambda: submit(store, settings, seed=4, count=2, batch_size=2),
+    ]
+    arrived: list[JobSpec] = []
+    quiet_periods = 0
+
+    def sleep(seconds: float) -> None:  # one job arrives in each of the first three quiet periods
+        nonlocal quiet_periods
+        assert seconds == engine.GATHER_QUIET_SECONDS
+        quiet_periods += 1
+        if arrivals:
+            arrived.append(arrivals.pop(0)())
+
+    monkeypatch.setattr(engine.time, "sleep", sleep)
+    own = range_member(first.id, 0, 2)
+    _, members = store.claim_ranges(key, "task-a", 5.0, 6, time.time(), own)
+    held = engine.gather(store, key, "task-a", 5.0, 6, members, seconds=10.0)
+    # Room for 6 samples: the first job and the next two, and then no more waiting.
+    assert held == [own] + [range_member(s.id, 0, 2) for s in arrived] and quiet_periods == 2
+    assert len(arrivals) == 1
+
+    # A lone job waits one quiet period, then samples.
+    lone = submit(store, settings, seed=5, count=1, batch_size=1, steps=5)
+    quiet_periods = 0
+    own = range_member(lone.id, 0, 1)
+    _, members = store.claim_ranges(spec_batch_key(lone), "task-b", 5.0, 6, time.time(), own)
+    assert engine.gather(store, spec_batch_key(lone), "task-b", 5.0, 6, members, seconds=10.0) == [own]
+    assert quiet_periods == 1
+    # No gathering when the setting is 0.
+    assert engine.gather(store, spec_batch_key(lone), "task-b", 5.0, 6, members, seconds=0.0) == [own]
+    assert quiet_periods == 1
