@@ -170,8 +170,8 @@ def test_up_restarts_a_killed_worker_and_redis_and_loses_no_job(up: Up) -> None:
     import nibabel as nib
 
     headers = {"Authorization": f"Bearer {up.key}"}
-    # The longest schedule (about 20 s here) so the worker is surely killed mid-job.
-    request = {"channels": "t1ce+seg", "count": 2, "seed": 7, "sampler": "ddim", "steps": 1000}
+    # 400 network calls (about 8 s here): the worker is killed, and Redis later, mid-job.
+    request = {"channels": "t1ce+seg", "count": 2, "seed": 7, "sampler": "ddim", "steps": 400}
     with httpx.Client(base_url=up.url, headers=headers, timeout=30) as client:
 
         def job(job_id: str, wait: float = 5) -> dict[str, Any]:
@@ -205,6 +205,7 @@ def test_up_restarts_a_killed_worker_and_redis_and_loses_no_job(up: Up) -> None:
         _wait_for("the job to run again", lambda: job(disturbed, wait=0)["progress"]["fraction"] < 0.05)
         _wait_for("the job to progress again", lambda: job(disturbed, wait=0)["progress"]["fraction"] > 0.05)
 
+        assert job(disturbed, wait=0)["progress"]["fraction"] < 0.5  # Redis dies mid-job
         redis_pid = next(pid for pid, cmd in up.children().items() if "redis" in cmd)
         os.kill(redis_pid, signal.SIGKILL)
         _wait_for("a new Redis", lambda: "redis started again" in up.output(), 30)
