@@ -56,22 +56,24 @@ def describe_this_server(schema: dict[str, Any], registry: Registry, settings: S
     # A request names a model or a channel set (null counts as absent).
     names = [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("model", "channels")]
     with_seg = [cs for cs in servable if SEG in CHANNEL_SETS[cs]]
-    request["allOf"] = [{"anyOf": names}, _nnunet_needs(with_seg)]
+    models_with_seg = sorted(name for name, m in registry.models.items() if SEG in m.channels)
+    request["allOf"] = [{"anyOf": names}, _nnunet_needs(with_seg, models_with_seg)]
     return schema
 
 
-def _nnunet_needs(with_seg: list[str]) -> dict[str, Any]:
+def _nnunet_needs(channel_sets: list[str], models: list[str]) -> dict[str, Any]:
     """JobRequest's rule for the nnunet format (see `nnunet_unfit`): no nnunet, or nnunet with nifti
-    and, when channels are named, a set with seg."""
+    and, when named, a channel set and a model with seg."""
     nnunet = {"contains": {"const": NNUNET}}
-    channels: dict[str, Any] = {"anyOf": [{"type": "string", "enum": with_seg}, {"type": "null"}]}
-    if not with_seg:
-        channels = {"type": "null"}
+
+    def null_or(names: list[str]) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]} if names else {"type": "null"}
+
     return {
         "anyOf": [
             {"properties": {"formats": {"not": nnunet}}},
             {"properties": {"formats": {"allOf": [nnunet, {"contains": {"const": "nifti"}}]},
-                            "channels": channels}},
+                            "channels": null_or(channel_sets), "model": null_or(models)}},
         ]
     }  # fmt: skip
 

@@ -159,7 +159,7 @@ class JobRequest(BaseModel):
         if NNUNET in self.formats:
             if "nifti" not in self.formats:
                 raise ValueError('the nnunet format is built from the NIfTI files: add "nifti" to formats')
-            # A request that names a model alone is not checked here: its channels are the model's.
+            # A request that names a model alone is checked once the API has resolved the model.
             unfit = nnunet_unfit(CHANNEL_SETS[self.channels]) if self.channels is not None else None
             if unfit is not None:
                 raise ValueError(f"the nnunet format cannot be made: {unfit}")

@@ -176,6 +176,9 @@ async def submit_job(
         raise invalid("steps", f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
     outputs = [c for c in info.channels if c in wanted]
+    unfit = nnunet_unfit(outputs) if NNUNET in body.formats else None
+    if unfit is not None:  # JobRequest checks named channels; a model named alone is checked here
+        raise invalid("formats", f"the nnunet format cannot be made from model {info.name!r}: {unfit}")
     try:
         known = await run_in_threadpool(prepare_known, uploads, info.model_slices(), count=body.count,
                                         outputs=outputs, guidance=body.guidance)  # fmt: skip

@@ -156,16 +156,22 @@ def test_openapi_lists_problem_answers_and_this_servers_limits(client: TestClien
         ({"channels": "t1ce+seg", "count": 1}, True),
         ({"channels": "t1ce+seg", "count": 1, "formats": ["png", "nnunet"]}, False),  # built from the NIfTIs
         ({"channels": "t1ce", "count": 1, "formats": ["nifti", "nnunet"]}, False),  # no seg, no labels
+        ({"model": "flat", "count": 1, "formats": ["nifti", "nnunet"]}, False),  # a model without seg
+        ({"model": "flat", "count": 1}, True),
         ({"count": 1}, False),
     ],
 )
 def test_openapi_states_which_requests_this_server_takes(
-    client: TestClient, body: dict[str, Any], accepted: bool
+    client: TestClient, tmp_path: Path, body: dict[str, Any], accepted: bool
 ) -> None:
     """A client keeping to the document gets no 422: the schema and the server agree."""
     import jsonschema_rs  # schemathesis's validator (a dev dependency)
 
+    write_model(tmp_path / "models", "flat", "t1ce")  # beside the fixture's tiny (t1ce+seg)
+    assert [m["name"] for m in client.get("/v1/models").json()["models"]] == ["flat", "tiny"]
     request = client.get("/openapi.json").json()["components"]["schemas"]["JobRequest"]
     assert jsonschema_rs.Draft202012Validator(request).is_valid(body) == accepted
     r = client.post("/v1/jobs", json=body)
     assert (r.status_code != 422) == accepted, r.text
+    if body.get("model") == "flat" and not accepted:
+        assert "nnunet format cannot be made from model 'flat': no seg channel" in r.json()["detail"]
