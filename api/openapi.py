@@ -5,7 +5,8 @@ FastAPI's generated document is adjusted in two ways:
   type the API sends (FastAPI would say `application/json`);
 - `JobRequest` states what this server accepts right now: the names of its available
   models, the channel sets they can serve, its `count` limit and the most steps its
-  models have, and that a request names a model or a channel set. A client (or a
+  models have, that a request names a model or a channel set, and what the nnunet
+  format needs (nifti beside it, a channel set with seg). A client (or a
   property-based test) that keeps to the document then gets no 422 for a well-formed
   request, except when a request pairs a model with channels it lacks, or asks one
   model for more steps than it has while another model has more.
@@ -21,8 +22,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.problems import PROBLEM_JSON
-from synthmri.channels import CHANNEL_SETS
-from synthmri.contract import MAX_SEED, JobRequest
+from synthmri.channels import CHANNEL_SETS, SEG
+from synthmri.contract import MAX_SEED, NNUNET, JobRequest
 from synthmri.registry import Registry
 from synthmri.settings import Settings
 
@@ -53,10 +54,28 @@ def describe_this_server(schema: dict[str, Any], registry: Registry, settings: S
     if models:
         _option(props["steps"], "integer", maximum=max(m.diffusion_steps for m in models))
     # A request names a model or a channel set (null counts as absent).
-    request["anyOf"] = [
-        {"required": [name], "properties": {name: {"type": "string"}}} for name in ("model", "channels")
-    ]
+    names = [{"required": [name], "properties": {name: {"type": "string"}}} for name in ("model", "channels")]
+    with_seg = [cs for cs in servable if SEG in CHANNEL_SETS[cs]]
+    models_with_seg = sorted(name for name, m in registry.models.items() if SEG in m.channels)
+    request["allOf"] = [{"anyOf": names}, _nnunet_needs(with_seg, models_with_seg)]
     return schema
+
+
+def _nnunet_needs(channel_sets: list[str], models: list[str]) -> dict[str, Any]:
+    """JobRequest's rule for the nnunet format (see `nnunet_unfit`): no nnunet, or nnunet with nifti
+    and, when named, a channel set and a model with seg."""
+    nnunet = {"contains": {"const": NNUNET}}
+
+    def null_or(names: list[str]) -> dict[str, Any]:
+        return {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]} if names else {"type": "null"}
+
+    return {
+        "anyOf": [
+            {"properties": {"formats": {"not": nnunet}}},
+            {"properties": {"formats": {"allOf": [nnunet, {"contains": {"const": "nifti"}}]},
+                            "channels": null_or(channel_sets), "model": null_or(models)}},
+        ]
+    }  # fmt: skip
 
 
 def _option(prop: dict[str, Any], type_: str, **keywords: Any) -> None:

@@ -128,12 +128,28 @@ class Client:
         """Download archive.zip and unpack it into `out_dir`; returns the files."""
         out_dir = Path(out_dir)
         archive = self.download(job_id, "archive.zip", out_dir / f"{job_id}.zip")
-        with zipfile.ZipFile(archive) as zf:
-            names = zf.namelist()
-            for name in names:
-                # Refuse members that would land outside out_dir.
-                if Path(name).is_absolute() or ".." in Path(name).parts:
-                    raise ServiceError(f"archive member {name!r} escapes the output directory")
-            zf.extractall(out_dir)
-        archive.unlink()
-        return [out_dir / n for n in names]
+        return [out_dir / n for n in _unpack(archive, out_dir)]
+
+    def download_nnunet(self, job_id: str, raw_dir: str | Path) -> Path:
+        """Download nnunet.zip of a job submitted with "nnunet" in its formats and unpack it into
+        `raw_dir` (e.g. $nnUNet_raw); returns the dataset folder, `Dataset501_SynthMRI` unless it
+        is renamed (the zip holds one folder)."""
+        raw_dir = Path(raw_dir)
+        archive = self.download(job_id, "nnunet.zip", raw_dir / f"{job_id}_nnunet.zip")
+        names = _unpack(archive, raw_dir)
+        if not names:
+            raise ServiceError(f"the nnunet.zip of job {job_id} is empty")
+        return raw_dir / Path(names[0]).parts[0]
+
+
+def _unpack(archive: Path, out_dir: Path) -> list[str]:
+    """Unpack a downloaded zip into `out_dir` and delete it; returns its member names."""
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+        for name in names:
+            # Refuse members that would land outside out_dir.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ServiceError(f"archive member {name!r} escapes the output directory")
+        zf.extractall(out_dir)
+    archive.unlink()
+    return names

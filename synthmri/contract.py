@@ -8,13 +8,14 @@ and never changes. The worker reads the spec by job id; the manifest records it.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from synthmri.channels import CHANNEL_SETS
+from synthmri.channels import CHANNEL_SETS, MODALITIES, SEG
 
 TASK_SAMPLE_RANGE = "synthmri.sample_range"
 QUEUE = "synthmri"
@@ -30,9 +31,25 @@ DEFAULT_GUIDANCE = 16.0
 MAX_GUIDANCE = 1000.0
 
 Sampler = Literal["dpm++", "dpm++sde", "ddim", "ddpm"]
-OutputFormat = Literal["nifti", "png", "npz"]
+OutputFormat = Literal["nifti", "png", "npz", "nnunet"]
 DEFAULT_FORMATS: tuple[OutputFormat, ...] = ("nifti", "png")
+NNUNET: OutputFormat = "nnunet"
 JOB_ID_PATTERN = r"^[0-9a-f]{16}$"
+
+
+def nnunet_unfit(channels: Sequence[str]) -> str | None:
+    """Why jobs with these channels cannot become an nnU-Net dataset, or None when they can.
+
+    nnU-Net trains on labels from image channels, so a job needs the seg and at least one
+    modality; the same words answer a request, a download and `synthmri export-nnunet`.
+    """
+    with_seg = " or ".join(name for name, chans in CHANNEL_SETS.items() if SEG in chans)
+    shown = "+".join(channels)
+    if SEG not in channels:
+        return f"no seg channel (channels {shown}): an nnU-Net dataset needs labels; use {with_seg}"
+    if not any(c in MODALITIES for c in channels):
+        return f"no image channel (channels {shown}): an nnU-Net dataset needs images; use {with_seg}"
+    return None
 
 
 def new_job_id() -> str:
@@ -118,7 +135,8 @@ class JobRequest(BaseModel):
     formats: list[OutputFormat] = Field(
         default_factory=lambda: list(DEFAULT_FORMATS),
         min_length=1,
-        description="Per-sample outputs: nifti (BraTS naming), png, and/or npz (N×H×W×C uint8).",
+        description="Outputs: per sample nifti (BraTS naming) and/or png; per job npz (N×H×W×C uint8) "
+        "and/or nnunet (nnunet.zip, an nnU-Net v2 raw dataset; needs nifti and a channel set with seg).",
     )
     guidance: Annotated[float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False), NUMBER_NOT_TEXT] | None = (
         Field(
@@ -137,7 +155,14 @@ class JobRequest(BaseModel):
             )
         if self.channels is not None and self.channels not in CHANNEL_SETS:
             raise ValueError(f"unknown channel set {self.channels!r}; use one of {', '.join(CHANNEL_SETS)}")
-        self.formats = sorted(set(self.formats), key=("nifti", "png", "npz").index)
+        self.formats = sorted(set(self.formats), key=get_args(OutputFormat).index)
+        if NNUNET in self.formats:
+            if "nifti" not in self.formats:
+                raise ValueError('the nnunet format is built from the NIfTI files: add "nifti" to formats')
+            # A request that names a model alone is checked once the API has resolved the model.
+            unfit = nnunet_unfit(CHANNEL_SETS[self.channels]) if self.channels is not None else None
+            if unfit is not None:
+                raise ValueError(f"the nnunet format cannot be made: {unfit}")
         return self
 
 

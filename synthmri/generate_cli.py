@@ -25,7 +25,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, help="seed (random if absent; recorded in manifest.json)")
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's recommended one)")
     p.add_argument("--steps", type=int, help="sampler steps (default: recommended, else per sampler)")
-    p.add_argument("--formats", default="nifti,png", help="comma-separated: nifti,png,npz")
+    p.add_argument("--formats", default="nifti,png", help="comma-separated: nifti,png,npz,nnunet")
+    p.add_argument("--nnunet", action="store_true",
+                   help="also get the job as an nnU-Net v2 raw dataset: OUT/Dataset501_SynthMRI "
+                   "(needs a channel set with seg; adds nnunet and nifti to --formats)")  # fmt: skip
     p.add_argument("--given", action="append", default=[], metavar="CHANNEL=FILE",
                    help="a known channel the samples keep (NIfTI or grayscale PNG), e.g. seg=mask.nii.gz; "
                    "repeat a channel to give one file per sample, in order")  # fmt: skip
@@ -44,6 +47,9 @@ def main(argv: list[str]) -> int:
         given = parse_given_options(args.given)
     except GivenError as e:
         raise CliError(e.detail) from None
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.nnunet:
+        formats += [f for f in ("nifti", "nnunet") if f not in formats]
 
     from tqdm import tqdm
 
@@ -56,7 +62,7 @@ def main(argv: list[str]) -> int:
                 seed=args.seed,
                 sampler=args.sampler,
                 steps=args.steps,
-                formats=[f.strip() for f in args.formats.split(",") if f.strip()],
+                formats=formats,
                 guidance=args.guidance,
                 given=given,
             )
@@ -79,7 +85,10 @@ def main(argv: list[str]) -> int:
             if job["state"] != "succeeded":
                 raise CliError(f"job {job['id']} {job['state']}: {job.get('error') or 'no details'}")
             files = client.download_all(job["id"], args.out)
+            dataset = client.download_nnunet(job["id"], args.out) if "nnunet" in formats else None
         except ServiceError as e:
             raise CliError(str(e)) from None
     print(f"job {job['id']}: {len(files)} files in {args.out} (seed {job['seed']})")
+    if dataset is not None:
+        print(f"nnU-Net dataset: {dataset} (move it into $nnUNet_raw, then nnUNetv2_plan_and_preprocess)")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import cast
 
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 from synthmri.cli import main as cli
-from training.export_nnunet import EXPORT_RECORD, ExportError, export_nnunet
+from synthmri.outputs.nnunet import EXPORT_RECORD, ExportError, write_job_zip
+from training.export_nnunet import export_nnunet
 
 JOB_ID = "0123456789abcdef"
 FOUR = ("t1", "t1ce", "t2", "flair", "seg")
@@ -220,24 +222,34 @@ def mixed_dataset(
     return export_nnunet([job, job / "archive.zip"], out, real=real_2020, dataset_id=503, name="Mixed")
 
 
+def nnunet_environment(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net reads its folders from the environment (and warns when they are unset)."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / var).mkdir()
+        monkeypatch.setenv(var, str(root / var))
+
+
+def verify_with_nnunet(ds: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """nnU-Net's own `verify_dataset_integrity`: it raises on errors and only prints geometry
+    mismatches, from worker processes, so their output is captured at the file descriptor."""
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -e '.[dev]')")
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    capfd.readouterr()
+    verify_dataset_integrity(str(ds), num_processes=1)
+    printed = capfd.readouterr().out
+    assert "Done" in printed
+    assert "Warning" not in printed and "Error" not in printed, printed
+
+
 def test_nnunet_verify_dataset_integrity(
     mixed_dataset: Path, sampled_job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """Its checks run in worker processes, so their output is captured at the file descriptor."""
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (tmp_path / var).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / var))
-    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -e '.[dev]')")
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-
+    nnunet_environment(tmp_path, monkeypatch)
     small = export_nnunet([sampled_job], tmp_path / "raw")
     for ds in (mixed_dataset, small):
-        capfd.readouterr()
-        verify_dataset_integrity(str(ds), num_processes=1)  # raises on any error
-        printed = capfd.readouterr().out
-        assert "Done" in printed
-        assert "Warning" not in printed and "Error" not in printed, printed  # geometry mismatches only warn
+        verify_with_nnunet(ds, capfd)
 
 
 def test_monai_load_image_reads_every_file(mixed_dataset: Path) -> None:
@@ -261,6 +273,50 @@ def test_monai_load_image_reads_every_file(mixed_dataset: Path) -> None:
             assert img.dtype.is_floating_point
     real = load(str(mixed_dataset / "labelsTr" / "BraTS20_Training_001.nii.gz"))
     assert {1, 2}.issubset(set(np.unique(np.asarray(real)).tolist()))  # the phantom has a tumour
+
+
+# ---------------------------------------------------------------------------
+# A job's nnunet.zip: what the worker writes at finalisation for "nnunet" in formats
+
+
+def unzip(archive: Path, into: Path) -> Path:
+    with zipfile.ZipFile(archive) as zf:
+        tops = {name.split("/")[0] for name in zf.namelist()}
+        zf.extractall(into)
+    assert len(tops) == 1, tops  # one dataset folder, nothing beside it
+    return into / tops.pop()
+
+
+def test_job_zip_is_the_command_line_dataset(four_job: tuple[Path, list], tmp_path: Path) -> None:
+    job, _ = four_job
+    work = tmp_path / "job"
+    shutil.copytree(job, work)
+    archive = write_job_zip(work, work / "nnunet.zip", label=JOB_ID)
+    ds = unzip(archive, tmp_path / "unzipped")
+    cli_ds = export_nnunet([job], tmp_path / "raw")
+    assert ds.name == cli_ds.name == "Dataset501_SynthMRI"
+    files = sorted(p.relative_to(ds).as_posix() for p in ds.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(cli_ds).as_posix() for p in cli_ds.rglob("*") if p.is_file())
+    assert len(files) == 2 + 3 * 4 + 3
+    for name in files:
+        if name != EXPORT_RECORD:
+            assert (ds / name).read_bytes() == (cli_ds / name).read_bytes(), name
+    record, cli_record = (json.loads((d / EXPORT_RECORD).read_text()) for d in (ds, cli_ds))
+    # The service's zip names the job by id, never by its server path.
+    assert record["jobs"][0]["source"] == JOB_ID and cli_record["jobs"][0]["source"] == str(job.resolve())
+    assert record["cases"] == cli_record["cases"]
+    # Rebuilt from the same job (a second finalisation), the zip is the same bytes, and the
+    # hidden build folder is gone.
+    first = archive.read_bytes()
+    assert write_job_zip(work, work / "nnunet.zip", label=JOB_ID).read_bytes() == first
+    assert not [p for p in work.iterdir() if p.name.startswith(".nnunet-")]
+
+
+def test_job_zip_of_a_job_without_seg_is_refused(tmp_path: Path) -> None:
+    job = write_job(tmp_path / "t1ce", known_samples(1, ("t1ce",)), ("t1ce",))
+    with pytest.raises(ExportError, match=r"no seg channel \(channels t1ce\): an nnU-Net dataset needs"):
+        write_job_zip(job, job / "nnunet.zip", label=JOB_ID)
+    assert sorted(p.name for p in job.iterdir() if "nnunet" in p.name) == []
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +382,7 @@ def test_real_data_missing_a_modality_is_refused(four_job: tuple[Path, list], re
 
 def test_bad_labels_and_names(four_job: tuple[Path, list], tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    from training.export_nnunet import convert_labels
+    from synthmri.outputs.nnunet import convert_labels
 
     with pytest.raises(ExportError, match=r"labels \[3\]"):
         convert_labels(np.array([[0, 3]]))

@@ -25,7 +25,7 @@ import numpy as np
 
 from synthmri import __version__
 from synthmri.atomic import atomic_write
-from synthmri.contract import JobSpec, JobState, Manifest
+from synthmri.contract import NNUNET, JobSpec, JobState, Manifest
 from synthmri.jobstore import (
     STORE_ERRORS,
     JobStore,
@@ -34,7 +34,14 @@ from synthmri.jobstore import (
     range_member,
     spec_batch_key,
 )
-from synthmri.outputs.layout import PARTS_DIR, RunNames, part_path, sample_files, write_expiry
+from synthmri.outputs.layout import (
+    NNUNET_ARCHIVE,
+    PARTS_DIR,
+    RunNames,
+    part_path,
+    sample_files,
+    write_expiry,
+)
 from synthmri.public_errors import describe_error
 from synthmri.settings import Settings
 from worker.outage import BestEffort, worker_stopping
@@ -217,7 +224,9 @@ def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoi
 
 
 def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
-    """Grid, npz, manifest and zip from the complete samples (idempotent: same inputs, same bytes)."""
+    """Grid, npz, manifest and zip from the complete samples, then the nnU-Net dataset zip when
+    requested (idempotent: same inputs, same bytes)."""
+    from synthmri.outputs.nnunet import write_job_zip
     from synthmri.outputs.writers import make_manifest, write_manifest_and_archive, write_run_summary
 
     t0 = time.time()
@@ -248,6 +257,10 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
         )
     )  # fmt: skip
     write_manifest_and_archive(directory, names, files, manifest.model_dump(mode="json", exclude_none=True))
+    if NNUNET in spec.formats:
+        # Read back from the finished folder, as `synthmri export-nnunet` reads it; the record
+        # names the job by id, not by its server path.
+        write_job_zip(directory, directory / NNUNET_ARCHIVE, label=spec.id)
     write_expiry(directory, time.time() + settings.result_ttl_seconds)
     return manifest
 

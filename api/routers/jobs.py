@@ -27,6 +27,7 @@ from api.problems import Problem, answers, clip, invalid
 from api.uploads import REQUEST_BODY, read_submission
 from synthmri.contract import (
     ACTIVE_STATES,
+    NNUNET,
     JobSpec,
     JobState,
     JobView,
@@ -34,6 +35,7 @@ from synthmri.contract import (
     Timings,
     new_job_id,
     new_seed,
+    nnunet_unfit,
 )
 from synthmri.given import GivenChannels, GivenError, channel_set_with, prepare_known
 from synthmri.jobstore import STORE_ERRORS, JobRecord
@@ -43,6 +45,7 @@ from synthmri.outputs.layout import (
     JOB_ARCHIVE,
     MANIFEST,
     MEDIA_TYPES,
+    NNUNET_ARCHIVE,
     sample_filename,
 )
 from synthmri.registry import RegistryError, resolve_model
@@ -58,9 +61,9 @@ class JobList(BaseModel):
     jobs: list[JobView]
 
 
-def _links(services: ServicesDep, job_id: str, state: JobState) -> dict[str, str]:
+def _links(services: ServicesDep, spec: JobSpec, state: JobState) -> dict[str, str]:
     base = services.settings.public_base_url.rstrip("/")
-    path = f"/v1/jobs/{job_id}"
+    path = f"/v1/jobs/{spec.id}"
     links = {"self": base + path}
     if state == JobState.succeeded:
         links.update(
@@ -69,6 +72,8 @@ def _links(services: ServicesDep, job_id: str, state: JobState) -> dict[str, str
             archive=f"{base}{path}/{JOB_ARCHIVE}",
             samples=f"{base}{path}/samples/{{index}}/{{channel}}.{{ext}}",
         )
+        if NNUNET in spec.formats:
+            links[NNUNET] = f"{base}{path}/{NNUNET_ARCHIVE}"
     return links
 
 
@@ -97,7 +102,7 @@ def view(services: ServicesDep, rec: JobRecord) -> JobView:
         timings=t,
         cancel_requested=rec.cancel_requested and not rec.state.terminal,
         error=rec.error,
-        links=_links(services, spec.id, rec.state),
+        links=_links(services, spec, rec.state),
     )
 
 
@@ -171,6 +176,9 @@ async def submit_job(
         raise invalid("steps", f"steps {steps} exceeds the model's {info.diffusion_steps} diffusion steps")
     wanted = set(info.channels if body.channels is None else body.channels.split("+"))
     outputs = [c for c in info.channels if c in wanted]
+    unfit = nnunet_unfit(outputs) if NNUNET in body.formats else None
+    if unfit is not None:  # JobRequest checks named channels; a model named alone is checked here
+        raise invalid("formats", f"the nnunet format cannot be made from model {info.name!r}: {unfit}")
     try:
         known = await run_in_threadpool(prepare_known, uploads, info.model_slices(), count=body.count,
                                         outputs=outputs, guidance=body.guidance)  # fmt: skip
@@ -381,3 +389,25 @@ async def get_sample_png(
     rec: OwnedJob, index: SampleIndex, channel: str, services: ServicesDep
 ) -> FileResponse:
     return await _sample(services, rec, index, channel, "png")
+
+
+NNUNET_ANSWER = ("One folder Dataset501_SynthMRI/: dataset.json, imagesTr/, labelsTr/ (labels in nnU-Net's "
+                 "BraTS region scheme; see docs/outputs.md)")
+
+
+@router.get(f"/{{job_id}}/{NNUNET_ARCHIVE}", response_class=FileResponse,
+            summary='The job as an nnU-Net v2 raw dataset (a job with "nnunet" in formats)',
+            responses=_file(MEDIA_TYPES["zip"], NNUNET_ANSWER))  # fmt: skip
+async def get_nnunet_dataset(rec: OwnedJob, services: ServicesDep) -> FileResponse:
+    spec = rec.spec
+    unfit = nnunet_unfit(spec.channels)
+    if unfit is not None:
+        raise Problem(409, f"job {spec.id} cannot be an nnU-Net dataset: {unfit}")
+    if NNUNET not in spec.formats:  # a 409 like the above: the job exists, and will never have one
+        raise Problem(
+            409, f"job {spec.id} did not request the nnunet format (formats: {', '.join(spec.formats)}); "
+            'submit the same request with "nnunet" in formats (the same seed gives the same samples), or '
+            "convert its archive.zip with synthmri export-nnunet",
+        )  # fmt: skip
+    path = await _result_file(services, rec, NNUNET_ARCHIVE)
+    return FileResponse(path, media_type=MEDIA_TYPES["zip"], filename=f"synthmri_{spec.id}_nnunet.zip")

@@ -2,9 +2,10 @@
 
 A job directory `{results_dir}/{job_id}/` holds, per sample and channel, the files named
 by `sample_filename`, then the grid, the manifest, the archive of it all, optionally the
-research npz, and two hidden entries: the per-sample parts that mark a sample complete
-and the expiry marker that tells the sweeper when the directory may go. A job with known
-channels also has `inputs/`: the files as uploaded and the values the worker samples with.
+research npz and the nnU-Net dataset zip (not in the archive), and two hidden entries: the
+per-sample parts that mark a sample complete and the expiry marker that tells the sweeper
+when the directory may go. A job with known channels also has `inputs/`: the files as
+uploaded and the values the worker samples with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ GRID = "grid.png"
 MANIFEST = "manifest.json"
 JOB_ARCHIVE = "archive.zip"
 JOB_NPZ = "samples.npz"
+NNUNET_ARCHIVE = "nnunet.zip"  # with "nnunet" in formats: the job as an nnU-Net v2 raw dataset
 PARTS_DIR = ".parts"
 EXPIRY_MARKER = ".expires"  # holds the unix time after which the directory may be removed
 INPUTS_DIR = "inputs"

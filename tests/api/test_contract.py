@@ -6,7 +6,15 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from synthmri.contract import DEFAULT_STEPS, SAMPLERS, JobRequest, JobSpec, JobState, resolve_sampling
+from synthmri.contract import (
+    DEFAULT_STEPS,
+    SAMPLERS,
+    JobRequest,
+    JobSpec,
+    JobState,
+    nnunet_unfit,
+    resolve_sampling,
+)
 
 
 def test_default_steps_agree_with_the_samplers() -> None:
@@ -29,6 +37,16 @@ def test_request_defaults_and_sampling_resolution() -> None:
     assert resolve_sampling("ddim", None, ("ddim", 30)) == ("ddim", 30)
     assert resolve_sampling("ddpm", None, ("ddim", 30)) == ("ddpm", 1000)
     assert JobRequest(model="m", count=1, formats=["npz", "nifti", "npz"]).formats == ["nifti", "npz"]
+    nnunet = ["nnunet", "nifti"]
+    assert JobRequest(channels="t1ce+seg", count=1, formats=nnunet).formats == ["nifti", "nnunet"]
+    assert JobRequest(channels="t1+t1ce+t2+flair+seg", count=1, formats=nnunet).formats == ["nifti", "nnunet"]
+
+
+def test_nnunet_needs_seg_and_an_image_channel() -> None:
+    assert nnunet_unfit(["t1ce", "seg"]) is None
+    assert nnunet_unfit(["t1", "t1ce", "t2", "flair", "seg"]) is None
+    assert "no seg channel (channels t1ce)" in str(nnunet_unfit(["t1ce"]))
+    assert "no image channel (channels seg)" in str(nnunet_unfit(["seg"]))
 
 
 @pytest.mark.parametrize(
@@ -40,6 +58,10 @@ def test_request_defaults_and_sampling_resolution() -> None:
         ({"channels": "t1ce", "count": 1, "sampler": "euler"}, "sampler"),
         ({"channels": "t1ce", "count": 1, "extra": 1}, "extra"),
         ({"channels": "t1ce", "count": 1, "seed": 2**63}, "seed"),
+        ({"channels": "t1ce+seg", "count": 1, "formats": ["png", "nnunet"]}, 'add "nifti" to formats'),
+        ({"channels": "t1ce", "count": 1, "formats": ["nifti", "nnunet"]},
+         "the nnunet format cannot be made: no seg channel (channels t1ce): an nnU-Net dataset needs labels; "
+         "use t1ce+seg or t1+t1ce+t2+flair+seg"),
     ],
 )
 def test_request_rejects(body: dict[str, object], needle: str) -> None:

@@ -122,6 +122,7 @@ def test_openapi_lists_problem_answers_and_this_servers_limits(client: TestClien
         ("/v1/jobs/{job_id}", "delete"): {"401", "404", "422", "503"},
         ("/v1/jobs/{job_id}/cancel", "post"): {"401", "404", "409", "422", "503"},
         ("/v1/jobs/{job_id}/archive.zip", "get"): {"401", "404", "409", "410", "422", "503"},
+        ("/v1/jobs/{job_id}/nnunet.zip", "get"): {"401", "404", "409", "410", "422", "503"},
         ("/readyz", "get"): {"503"},
         ("/metrics", "get"): {"503"},
     }
@@ -142,3 +143,35 @@ def test_openapi_lists_problem_answers_and_this_servers_limits(client: TestClien
     assert channels["enum"] == ["t1ce", "t1ce+seg"]  # what the installed t1ce+seg model can serve
     seed = next(o for o in request["properties"]["seed"]["anyOf"] if o.get("type") == "integer")
     assert seed["maximum"] == 2**63 - 1 and isinstance(seed["maximum"], int)
+    nnunet = doc["paths"]["/v1/jobs/{job_id}/nnunet.zip"]["get"]["responses"]["200"]["content"]
+    assert list(nnunet) == ["application/zip"]
+
+
+@pytest.mark.parametrize(
+    ("body", "accepted"),
+    [
+        ({"channels": "t1ce+seg", "count": 1, "formats": ["nifti", "nnunet"]}, True),
+        ({"model": "tiny", "count": 1, "formats": ["nnunet", "nifti", "png"]}, True),
+        ({"channels": "t1ce", "count": 1, "formats": ["png"]}, True),
+        ({"channels": "t1ce+seg", "count": 1}, True),
+        ({"channels": "t1ce+seg", "count": 1, "formats": ["png", "nnunet"]}, False),  # built from the NIfTIs
+        ({"channels": "t1ce", "count": 1, "formats": ["nifti", "nnunet"]}, False),  # no seg, no labels
+        ({"model": "flat", "count": 1, "formats": ["nifti", "nnunet"]}, False),  # a model without seg
+        ({"model": "flat", "count": 1}, True),
+        ({"count": 1}, False),
+    ],
+)
+def test_openapi_states_which_requests_this_server_takes(
+    client: TestClient, tmp_path: Path, body: dict[str, Any], accepted: bool
+) -> None:
+    """A client keeping to the document gets no 422: the schema and the server agree."""
+    import jsonschema_rs  # schemathesis's validator (a dev dependency)
+
+    write_model(tmp_path / "models", "flat", "t1ce")  # beside the fixture's tiny (t1ce+seg)
+    assert [m["name"] for m in client.get("/v1/models").json()["models"]] == ["flat", "tiny"]
+    request = client.get("/openapi.json").json()["components"]["schemas"]["JobRequest"]
+    assert jsonschema_rs.Draft202012Validator(request).is_valid(body) == accepted
+    r = client.post("/v1/jobs", json=body)
+    assert (r.status_code != 422) == accepted, r.text
+    if body.get("model") == "flat" and not accepted:
+        assert "nnunet format cannot be made from model 'flat': no seg channel" in r.json()["detail"]

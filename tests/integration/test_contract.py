@@ -46,13 +46,14 @@ def _schemathesis(stack: LocalStack, cwd: Path, phases: str, config: str) -> tup
 
 def test_the_live_api_keeps_its_openapi_contract(stack: LocalStack, tmp_path: Path) -> None:
     api = Api(stack, CONTRACT_KEY)
-    done = api.run(channels="t1ce+seg", count=1, seed=1, sampler="ddim", steps=3)
+    done = api.run(channels="t1ce+seg", count=1, seed=1, sampler="ddim", steps=3,
+                   formats=["nifti", "png", "nnunet"])  # fmt: skip
     # The single-request phases download from a job that has succeeded, so 200 answers are
     # checked too. The stateful phase follows links instead: it may delete any job it has
     # seen (that one included), and then a download of it is rightly a 404.
     downloads = (
         "[[operations]]\n"
-        'include-path-regex = "/(grid[.]png|manifest[.]json|archive[.]zip|samples/.+)$"\n'
+        'include-path-regex = "/(grid[.]png|manifest[.]json|archive[.]zip|nnunet[.]zip|samples/.+)$"\n'
         f'parameters = {{ job_id = "{done["id"]}", index = 0, channel = "t1ce" }}\n'
     )
     try:

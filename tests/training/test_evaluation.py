@@ -21,17 +21,6 @@ FIVE = ("t1", "t1ce", "t2", "flair", SEG)
 
 
 @pytest.fixture(scope="module")
-def phantom_slices(tiny_2020: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(slices (N, 5, 32, 32) in the model range, subject index per slice) of the 4 coarse phantoms."""
-    from training.dataset import prepare_cache
-    from training.preprocess import to_model
-
-    cache, _ = prepare_cache(tiny_2020, "t1+t1ce+t2+flair+seg", 32, need_tumour_flags=True)
-    x = to_model(np.asarray(cache.open()), "percentile", 4).astype(np.float32)
-    return x, np.asarray(cache.slice_subject)
-
-
-@pytest.fixture(scope="module")
 def encoder(phantom_slices: tuple[np.ndarray, np.ndarray]) -> feat.SliceEncoder:
     return feat.train_encoder(phantom_slices[0], steps=300, seed=0)
 

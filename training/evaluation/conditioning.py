@@ -4,7 +4,9 @@ A segmenter trained on real slices is run on images the model generated for give
 masks (the mask channel known, everything else generated) and scored against those
 masks. The same segmenter on unconditional samples, each paired with one of the given
 masks, is the floor (images that ignore the mask); on the real held-out images with
-their own masks, the ceiling.
+their own masks, the ceiling. The caller trains the segmenter once
+(`real_segmenter`), so a sweep over guidance weights or samplers scores every setting
+with the same one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from model.generate import batches
 from model.samplers import SAMPLERS
 from model.seeding import PerSampleNoise
 from synthmri.channels import SEG, decode_labels
-from training.evaluation.segmenter import dice_scores, predict, split_images_labels, train_segmenter
+from training.evaluation.segmenter import SegNet, dice_scores, predict, split_images_labels, train_segmenter
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,14 @@ def sample_given_channels(
     return np.concatenate(out).astype(np.float32)
 
 
+def real_segmenter(train_real: np.ndarray, channels: list[str], *, steps: int = 600, seed: int = 0) -> SegNet:
+    """The study's judge: a segmenter trained on real slices (N, C, H, W model range) alone."""
+    return train_segmenter(split_images_labels(train_real, channels), steps=steps, seed=seed)
+
+
 def mask_conditioning_study(
     ckpt: LoadedCheckpoint,
-    train_real: np.ndarray,
+    segmenter: SegNet,
     heldout: np.ndarray,
     unconditional: np.ndarray,
     *,
@@ -77,26 +84,29 @@ def mask_conditioning_study(
     sampler: str = "dpm++sde",
     steps: int = 20,
     guidance: float = 16.0,
-    segmenter_steps: int = 600,
     seed: int = 0,
 ) -> ConditioningStudy:
-    """Masks of `count` held-out tumour slices → images; Dice of a real-trained segmenter on them."""
+    """Masks of `count` held-out tumour slices → images; Dice of a real-trained `segmenter` on them."""
     channels = list(ckpt.config.channels)
     if SEG not in channels:
         raise ValueError("mask conditioning needs a model with a seg channel")
     k = channels.index(SEG)
     with_tumour = np.flatnonzero((decode_labels(heldout[:, k]) > 0).reshape(len(heldout), -1).any(axis=1))
+    if len(with_tumour) == 0:
+        raise ValueError("no held-out slice has a tumour: there is no mask to condition on")
     pick = np.random.default_rng(seed).choice(with_tumour, min(count, len(with_tumour)), replace=False)
     given = heldout[np.sort(pick)]
+    if len(unconditional) < len(given):
+        raise ValueError(f"{len(unconditional)} unconditional samples for {len(given)} masks: the floor "
+                         "pairs one with each mask")  # fmt: skip
     generated = sample_given_channels(ckpt, given, [SEG], sampler=sampler, steps=steps, guidance=guidance,
                                       seed=seed)  # fmt: skip
-    net = train_segmenter(split_images_labels(train_real, channels), steps=segmenter_steps, seed=seed)
     masks = split_images_labels(given, channels)[1]
 
     def dice_on(images_from: np.ndarray) -> dict[str, float]:
         paired = images_from.copy()
         paired[:, k] = given[:, k]
-        return dice_scores(predict(net, split_images_labels(paired, channels)[0]), masks)
+        return dice_scores(predict(segmenter, split_images_labels(paired, channels)[0]), masks)
 
     return ConditioningStudy(
         conditioned=dice_on(generated),
