@@ -41,7 +41,8 @@ USER synthmri
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# Keep-alive longer than clients' and proxies' idle timeouts: no request lands on a closing connection.
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--timeout-keep-alive", "75"]
 
 # ---------------------------------------------------------------------------
 # worker: Celery worker(s) that sample on the GPU. One process per visible GPU

@@ -34,6 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1  # prctl option: signal the child when its parent dies
 
 
+# Idle keep-alive connections stay open longer than clients keep them (httpx and browsers: 5 s
+# or more), so a client never sends a request on a connection the server is just closing.
+KEEP_ALIVE_SECONDS = 75
+
 class StackError(RuntimeError):
     """A child process could not start or died; the message names it and quotes its log."""
 
@@ -329,6 +333,7 @@ class LocalStack:
         argv = [
             self.python, "-m", "uvicorn", "api.main:create_app", "--factory",
             "--host", self.host, "--port", str(self.api_port), "--log-level", "info",
+            "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS),
         ]  # fmt: skip
         self.api = self._spawn("api", argv)
         url = self.url + "/healthz"

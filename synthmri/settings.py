@@ -66,12 +66,12 @@ class Settings(BaseSettings):
         "out-of-memory the batch is halved and the size that fit is kept as this model's cap.",
     )
     batch_gather_seconds: float = Field(
-        default=0.1,
+        default=0.25,
         ge=0,
         le=5,
         description="How long a worker whose batch has room waits for more jobs of the same model, "
-        "sampler and steps before it starts sampling; it stops at the first 20 ms without a new one, "
-        "so a lone job waits 20 ms. 0 starts at once.",
+        "sampler and steps before it starts sampling; it stops at the first 50 ms without a new one, "
+        "so a lone job waits 50 ms. 0 starts at once.",
     )
     worker_niceness: int = Field(
         default=0,

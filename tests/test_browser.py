@@ -123,6 +123,8 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
     for name in ("count", "seed", "steps"):
         by_id(name).clear()
         by_id(name).send_keys(FORM[name])
+    assert by_id("nnunet-option").is_displayed()  # a mask and an image channel: a training set
+    by_id("nnunet").click()
     by_id("submit").click()
 
     _wait(lambda: by_id("result-card").is_displayed(), 180, "the result", driver)
@@ -172,6 +174,12 @@ def test_page_generates_a_grid_and_offers_downloads(stack: LocalStack, browser: 
     names = zipfile.ZipFile(archive).namelist()
     assert any(n.endswith(f"{job_id}_0002_seg.nii.gz") for n in names), names
     assert any(n.endswith("manifest.json") for n in names), names
+    by_id("dl-nnunet").click()
+    dataset = tmp_path / "downloads" / f"{job_id}_nnunet.zip"
+    _wait(dataset.exists, 30, "the nnU-Net download", driver)
+    names = zipfile.ZipFile(dataset).namelist()
+    assert any(n.endswith("/dataset.json") for n in names), names
+    assert sum("/labelsTr/" in n and n.endswith(".nii.gz") for n in names) == int(FORM["count"]), names
 
     if not UPDATE_DOCS:
         given_mask(driver, stack, tmp_path)

@@ -341,7 +341,7 @@ def process_range(
 
 
 # A gathering worker stops waiting after this long without a new range of its batch index.
-GATHER_QUIET_SECONDS = 0.02
+GATHER_QUIET_SECONDS = 0.05
 
 
 def samples_in(members: list[str]) -> int:
@@ -444,9 +444,15 @@ def process_batch(store: JobStore, settings: Settings, members: list[str], holde
         for p in parts:
             results[p.member] = process_alone(store, settings, p.spec.id, p.start, p.stop, holder)
         return results
-    for p in parts:
-        dropped = p.spec.id in cancelled
-        results[p.member] = complete_part(store, settings, p, ckpt, x[p.member], dropped, holder)
+
+    def complete(p: Part) -> str:
+        return complete_part(store, settings, p, ckpt, x[p.member], p.spec.id in cancelled, holder)
+
+    # Each job's files, grid, manifest and zip are its own: writing them side by side lets the
+    # batch's clients have their results together instead of one job after another.
+    with ThreadPoolExecutor(min(WRITER_THREADS, len(parts)), thread_name_prefix="synthmri-finish") as pool:
+        outcomes = list(pool.map(complete, parts))
+    results.update((p.member, outcome) for p, outcome in zip(parts, outcomes, strict=True))
     return results
 
 

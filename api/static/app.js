@@ -127,6 +127,9 @@ function describeModel() {
   $("model-card").textContent = cardSummary(m);
   syncSteps();
   renderGivenInputs(m);
+  // An nnU-Net dataset needs the mask (labels) and at least one image channel.
+  const requested = cs.split("+");
+  $("nnunet-option").hidden = !(requested.includes("seg") && requested.length > 1);
 }
 
 // One optional file input per channel of the model that serves the request: a known channel
@@ -230,6 +233,7 @@ async function submitJob(event) {
   if ($("sampler").value) body.sampler = $("sampler").value;
   if ($("steps").value) body.steps = Number($("steps").value);
   if ($("guidance").value) body.guidance = Number($("guidance").value);
+  if ($("nnunet").checked && !$("nnunet-option").hidden) body.formats = ["nifti", "png", "nnunet"];
   if (!body.channels) {
     showError("Choose a channel set (enter the API key first if the list is empty).");
     return;
@@ -350,6 +354,9 @@ async function showResult(job) {
   }
   $("dl-zip").onclick = () => download(jobUrl(job, "archive.zip"), `${job.id}.zip`);
   $("dl-manifest").onclick = () => download(jobUrl(job, "manifest.json"), `${job.id}_manifest.json`);
+  const nnunet = (job.links || {}).nnunet;
+  $("dl-nnunet").hidden = !nnunet;
+  $("dl-nnunet").onclick = () => download(nnunet, `${job.id}_nnunet.zip`);
 }
 
 // ---------------------------------------------------------------- wiring
