@@ -54,12 +54,16 @@ def tiny_2023(tmp_path_factory: pytest.TempPathFactory, tiny_volumes: list[dict[
 
 
 @pytest.fixture(scope="session")
-def phantom_slices(tiny_2020: Path) -> tuple[np.ndarray, np.ndarray]:
+def phantom_slices(
+    tiny_2020: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[np.ndarray, np.ndarray]:
     """(slices (N, 5, 32, 32) in the model range, subject index per slice) of the 4 coarse phantoms."""
     from training.dataset import prepare_cache
     from training.preprocess import to_model
 
-    cache, _ = prepare_cache(tiny_2020, "t1+t1ce+t2+flair+seg", 32, need_tumour_flags=True)
+    # A cache of its own: the default lies inside the data folder, which other tests list.
+    cache, _ = prepare_cache(tiny_2020, "t1+t1ce+t2+flair+seg", 32, need_tumour_flags=True,
+                             cache_dir=tmp_path_factory.mktemp("phantom-cache"))  # fmt: skip
     x = to_model(np.asarray(cache.open()), "percentile", 4).astype(np.float32)
     return x, np.asarray(cache.slice_subject)
 

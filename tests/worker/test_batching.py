@@ -5,37 +5,22 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
-import redis
 
 from synthmri.contract import JobSpec, JobState
 from synthmri.jobstore import JobStore, range_member, spec_batch_key
-from synthmri.localstack import RedisServer
 from synthmri.registry import read_model
 from synthmri.settings import Settings
 from tests.model.test_generate import raise_oom_above
 from worker import engine, model_cache
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture
-def setup(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[JobStore, Settings]]:
-    models = tmp_path / "models"
-    models.mkdir()
-    tiny_checkpoint.rename(models / "tiny")
-    model_cache.clear()
-    with RedisServer(tmp_path / "redis") as server:
-        settings = Settings(redis_url=server.url, models_dir=models, results_dir=tmp_path / "results",
-                            device="cpu", progress_interval_seconds=0.05, max_batch_size=8)  # fmt: skip
-        yield JobStore(redis.Redis.from_url(server.url, decode_responses=True)), settings
-    model_cache.clear()
 
 
 def submit(store: JobStore, settings: Settings, *, seed: int, count: int, batch_size: int = 4,

@@ -9,38 +9,22 @@ import json
 import os
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import redis
 
 from synthmri.contract import JobSpec, JobState
 from synthmri.given import ModelSlices, Upload, prepare_known
 from synthmri.jobstore import JobStore, spec_batch_key
-from synthmri.localstack import RedisServer
 from synthmri.registry import read_model
 from synthmri.settings import Settings
 from tests.given_files import nifti, tumour
 from tests.worker.test_batching import count_rows
-from worker import engine, model_cache
+from worker import engine
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture
-def setup(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[JobStore, Settings]]:
-    models = tmp_path / "models"
-    models.mkdir()
-    tiny_checkpoint.rename(models / "tiny")
-    model_cache.clear()
-    with RedisServer(tmp_path / "redis") as server:
-        settings = Settings(redis_url=server.url, models_dir=models, results_dir=tmp_path / "results",
-                            device="cpu", progress_interval_seconds=0.05, max_batch_size=8)  # fmt: skip
-        yield JobStore(redis.Redis.from_url(server.url, decode_responses=True)), settings
-    model_cache.clear()
 
 
 def submit(store: JobStore, settings: Settings, *, seed: int, count: int, masks: list[bytes] | None = None,
