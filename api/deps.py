@@ -6,6 +6,7 @@ dependency in its thread pool, which a stalled Redis elsewhere could fill.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -26,13 +27,28 @@ class ModelsView:
     verified on first sight, which takes a while); the last one is kept for readers on
     the event loop (the OpenAPI document)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_age: float = 1.0) -> None:
         self.settings = settings
         self.latest = Registry({}, {})
+        self.max_age = max_age
+        self.scanned_at: float | None = None
 
     async def scan(self) -> Registry:
+        started = time.monotonic()
         self.latest = await run_in_threadpool(scan_registry, self.settings.models_dir)
+        self.scanned_at = started
         return self.latest
+
+    async def recent(self) -> Registry:
+        """The last scan if it began less than `max_age` seconds ago, else a new one.
+
+        Submissions use this: under load, a thread hop per request costs more than the scan.
+        A checkpoint replaced within that second may still be named by its old sha256, and
+        the worker then refuses the job as replaced after submission (the client resubmits).
+        """
+        if self.scanned_at is not None and time.monotonic() - self.scanned_at < self.max_age:
+            return self.latest
+        return await self.scan()
 
 
 @dataclass

@@ -162,7 +162,7 @@ async def submit_job(
             "count", f"count {body.count} exceeds this server's limit of {settings.max_count} samples per "
             "job; split it into several jobs (use different seeds or consecutive requests)",
         )  # fmt: skip
-    registry = (await services.models.scan()).without_faults(await services.store.model_faults())
+    registry = (await services.models.recent()).without_faults(await services.store.model_faults())
     # A request by channel set with known channels outside it needs a model that has both.
     channels = body.channels
     if body.model is None:

@@ -138,3 +138,23 @@ def test_an_unchanged_model_is_not_read_again_and_a_changed_one_is(tmp_path: Pat
     assert second.provenance == {"steps": 1} and second.sha256 != first.sha256
     (d / "eval.json").write_text("{}")  # a card appearing is a change too
     assert scan_models(tmp_path)["two"] is not second
+
+
+def test_submissions_reuse_a_scan_for_a_second_then_see_new_models(tmp_path: Path) -> None:
+    import asyncio
+
+    from api.deps import ModelsView
+    from synthmri.settings import Settings
+
+    write_model(tmp_path, "two", "t1ce+seg")
+    view = ModelsView(Settings(models_dir=tmp_path), max_age=60.0)  # type: ignore[arg-type]
+
+    async def names() -> list[str]:
+        return sorted((await view.recent()).models)
+
+    assert asyncio.run(names()) == ["two"]
+    first_scan = view.scanned_at
+    write_model(tmp_path, "five", "t1+t1ce+t2+flair+seg")
+    assert asyncio.run(names()) == ["two"] and view.scanned_at == first_scan  # within max_age
+    view.max_age = 0.0
+    assert asyncio.run(names()) == ["five", "two"] and view.scanned_at != first_scan
