@@ -8,7 +8,10 @@ writing, grid, manifest, zip, polling). Pure sampling = `generate()` on the same
 seed, indices, sampler, steps, device and precision, one batch of `count`, in this process
 while the stack sits idle. After one warm-up of each, the two are timed in alternating rounds
 and the overhead is the median of the per-round ratios, so a drift in the machine's speed
-(other load, clocks) hits both sides of a ratio alike. Goal ≤ 5 % for a 16-sample job.
+(other load, clocks) hits both sides of a ratio alike. Goal ≤ 5 % for a 16-sample job. It
+also prints the time around the worker's own sampling of each job (`sampling_seconds` in the
+job's manifest): what the service adds, free of differences in sampling speed between two
+processes.
 """
 
 from __future__ import annotations
@@ -59,15 +62,18 @@ def main(argv: list[str] | None = None) -> int:
            # The in-process reference runs at normal priority, so the worker does too.
            "SYNTHMRI_WORKER_NICENESS": "0"}  # fmt: skip
     body = {"model": args.model, "sampler": args.sampler, "steps": args.steps, "count": n, "seed": 3}
-    e2e, pure = [], []
+    e2e, pure, inside = [], [], []
     with running_stack(args.model, env) as (stack, key):
         api = Client(stack, key)
         api.wait(api.submit(**body))  # warm-up
         sample = pure_sampler(args.model, n, 3, args.sampler, args.steps)
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            api.wait(api.submit(**body))
+            job_id = api.submit(**body)
+            api.wait(job_id)
             e2e.append(time.perf_counter() - t0)
+            timings = api.http.get(f"/v1/jobs/{job_id}/manifest.json").json()["timings"]
+            inside.append(timings["sampling_seconds"])
             pure.append(sample())
     ratios = [a / b for a, b in zip(e2e, pure, strict=True)]
     print(f"model {args.model}, {args.sampler} {args.steps} steps, {n} samples (nifti + png), one CPU worker")
@@ -77,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
           f"({min(pure):.2f}–{max(pure):.2f})")
     print(f"service overhead: {100 * (statistics.median(ratios) - 1):.1f} %  (median of per-round ratios, "
           f"{100 * (min(ratios) - 1):.1f} … {100 * (max(ratios) - 1):.1f} %; goal ≤ 5 %)")
+    # The same job's own sampling time, from its manifest: what the service adds around the
+    # network, free of the run-to-run variation of sampling speed between two processes.
+    added = [a - b for a, b in zip(e2e, inside, strict=True)]
+    own = [a / b - 1 for a, b in zip(e2e, inside, strict=True)]
+    print(f"sampling inside the worker:    median {statistics.median(inside):6.2f} s  "
+          f"({min(inside):.2f}–{max(inside):.2f})")
+    print(f"around it (queue, writes, polling): median {statistics.median(added):.2f} s = "
+          f"{100 * statistics.median(own):.1f} % of the worker's own sampling time")
     return 0
 
 

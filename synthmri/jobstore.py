@@ -2,7 +2,8 @@
 
 Layout (all keys under `synthmri:`):
   job:{id}           hash  spec (JSON JobSpec), state, ttl, started_at, finished_at, error, cancel
-  job:{id}:progress  hash  u:{start} → sampler-step units done, s:{start} → samples written
+  job:{id}:progress  hash  u:{start} → sampler-step units done, s:{start} → samples written,
+                     t:{start} → seconds the range's sampling took
   job:{id}:ranges    set   starts of the index ranges whose samples are all written
   job:{id}:finalize  str   lease (a task id) held by the one task that finalises the job
   owner:{sha}        zset  job ids of one API key by creation time
@@ -311,6 +312,7 @@ class JobRecord:
     cancel_requested: bool
     step_units: float  # Σ over ranges of (samples × fraction of sampler steps done)
     samples_done: int
+    sampling_seconds: float = 0.0  # Σ over finished ranges of the time their sampling took
 
     @property
     def fraction(self) -> float:
@@ -334,6 +336,7 @@ def parse_record(raw: dict[str, str], progress: dict[str, str]) -> JobRecord | N
         cancel_requested=raw.get("cancel") == "1",
         step_units=units,
         samples_done=samples,
+        sampling_seconds=sum(float(v) for k, v in progress.items() if k.startswith("t:")),
     )
 
 
@@ -504,9 +507,16 @@ class JobStore:
         return raw[0] == "1" or raw[1] in (None, JobState.cancelled.value)
 
     # -- progress and finalisation --------------------------------------------
-    def set_progress(self, job_id: str, start: int, step_units: float, samples: int) -> None:
+    def set_progress(
+        self, job_id: str, start: int, step_units: float, samples: int, sampling_seconds: float | None = None
+    ) -> None:
+        """A range's progress; `sampling_seconds` once it is sampled (replaced, not added, so a
+        repeated call counts once)."""
         keys = [job_key(job_id), job_key(job_id) + ":progress"]
-        self._set_progress(keys=keys, args=[f"u:{start}", step_units, f"s:{start}", samples])
+        args: list[Any] = [f"u:{start}", step_units, f"s:{start}", samples]
+        if sampling_seconds is not None:
+            args += [f"t:{start}", repr(sampling_seconds)]
+        self._set_progress(keys=keys, args=args)
 
     def mark_range_done(self, job_id: str, start: int, samples: int = 0) -> int:
         """Record a finished range (its `samples` count once in the stats); returns how many

@@ -137,17 +137,19 @@ def sample_range(
     settings: Settings,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> int:
-    """Generate and write samples [start, stop) that are not yet complete; returns how many."""
+) -> tuple[int, float]:
+    """Generate and write samples [start, stop) that are not yet complete; returns how many, and
+    the seconds the sampling itself took (the network, not loading or writing)."""
     from model.generate import generate
     from worker.model_cache import batch_limit
 
     todo = missing_indices(spec, directory, start, stop)
     if not todo:
-        return 0
+        return 0, 0.0
     device = resolve_device(settings.device)
     ckpt = load_job_model(spec, settings, device)
     limit = batch_limit(ckpt.sha256, device)
+    t0 = time.perf_counter()
     x = generate(
         ckpt,
         seed=spec.seed,
@@ -162,8 +164,9 @@ def sample_range(
         limit=limit,
         **known_arguments(spec, directory, todo, ckpt.config.channels),
     )
+    sampling = time.perf_counter() - t0
     write_samples(spec, directory, ckpt, todo, x)
-    return len(todo)
+    return len(todo), sampling
 
 
 # Threads writing one batch's samples: gzip, PNG encoding and fsync release the GIL, so the
@@ -223,7 +226,8 @@ def load_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoi
         raise ModelLoadError(reason) from e
 
 
-def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None) -> Manifest:
+def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: float | None,
+             sampling_seconds: float | None = None) -> Manifest:  # fmt: skip
     """Grid, npz, manifest and zip from the complete samples, then the nnU-Net dataset zip when
     requested (idempotent: same inputs, same bytes)."""
     from synthmri.outputs.nnunet import write_job_zip
@@ -247,6 +251,8 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,
                        run_seconds=t0 - started_at)  # fmt: skip
+    if sampling_seconds:
+        timings["sampling_seconds"] = sampling_seconds  # the network's share of run_seconds
     # The manifest repeats what the spec fixed about the samples, plus what only the worker knows.
     from_spec = spec.model_dump(mode="json", include=MANIFEST_SPEC_FIELDS, exclude_none=True)
     manifest = Manifest.model_validate(
@@ -402,6 +408,7 @@ class Part:
     stop: int
     directory: Path
     todo: list[int]
+    sampling_seconds: float = 0.0  # this part's share of its batch's sampling time
 
 
 def process_batch(store: JobStore, settings: Settings, members: list[str], holder: str) -> dict[str, str]:
@@ -506,16 +513,19 @@ def sample_parts(
         return dropped
 
     limit = batch_limit(ckpt.sha256, device)
+    t0 = time.perf_counter()
     x = generate_rows(
         ckpt, rows, sampler=spec0.sampler, steps=spec0.steps, batch_size=limit.clamp(settings.max_batch_size),
         device=device, progress=progress, precision=job_precision(spec0, settings, device),
         limit=limit, dropped=poll_cancels, **known,
     )  # fmt: skip
+    sampling = time.perf_counter() - t0
     out: dict[str, np.ndarray] = {}
     k = 0
     for p in parts:
         out[p.member] = x[k : k + len(p.todo)]
         k += len(p.todo)
+        p.sampling_seconds = sampling * len(p.todo) / max(1, len(rows))
     return ckpt, out, cancelled
 
 
@@ -538,18 +548,20 @@ def complete_part(
             return cancel(store, spec, directory)
         log.exception("job %s range [%d, %d) failed", spec.id, part.start, part.stop)
         return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
-    return finish_range(store, settings, spec, part.start, part.stop, len(part.todo), holder)
+    return finish_range(store, settings, spec, part.start, part.stop, len(part.todo), holder,
+                        part.sampling_seconds)  # fmt: skip
 
 
 def finish_range(
     store: JobStore, settings: Settings, spec: JobSpec, start: int, stop: int, generated: int,
-    holder: str | None,
+    holder: str | None, sampling_seconds: float = 0.0,
 ) -> str:
-    """A range's samples are all written: record it, and finalise the job if it was the last."""
+    """A range's samples are all written: record it (with the seconds its sampling took, when it
+    sampled any), and finalise the job if it was the last."""
     if store.cancel_requested(spec.id):
         return cancel(store, spec, job_dir(settings, spec.id))
     n = stop - start
-    store.set_progress(spec.id, start, n, n)
+    store.set_progress(spec.id, start, n, n, sampling_seconds if generated else None)
     if store.mark_range_done(spec.id, start, n) == len(spec.ranges()):
         return maybe_finalize(store, settings, spec.id, holder)
     return f"sampled {generated} of [{start}, {stop})"
@@ -587,7 +599,7 @@ def process_alone(
         return cancelled
 
     try:
-        generated = sample_range(spec, directory, start, stop, settings=settings,
+        generated, sampling = sample_range(spec, directory, start, stop, settings=settings,
                                  progress=progress, should_stop=should_stop)  # fmt: skip
     except SamplingCancelled:
         return cancel(store, spec, directory)
@@ -608,7 +620,7 @@ def process_alone(
             return cancel(store, spec, directory)
         log.exception("job %s range [%d, %d) failed", job_id, start, stop)
         return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
-    return finish_range(store, settings, spec, start, stop, generated, holder)
+    return finish_range(store, settings, spec, start, stop, generated, holder, sampling)
 
 
 def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str | None = None) -> str:
@@ -626,7 +638,8 @@ def maybe_finalize(store: JobStore, settings: Settings, job_id: str, holder: str
             # A range was marked done but its files are gone (e.g. the results directory was wiped).
             # Its task is acknowledged and will not run again, so the job fails with the reason.
             raise JobError(f"samples {missing[:5]} are missing from the results directory")
-        finalize(rec.spec, directory, settings=settings, started_at=rec.started_at)
+        finalize(rec.spec, directory, settings=settings, started_at=rec.started_at,
+                 sampling_seconds=rec.sampling_seconds)  # fmt: skip
     except STORE_ERRORS:
         raise
     except Exception as e:

@@ -77,7 +77,10 @@ def test_job_end_to_end_outputs(api: Api, stack: Any) -> None:
         3,
     )
     assert set(manifest["files"]) | {"manifest.json"} == set(zf.namelist())
-    assert manifest["timings"]["run_seconds"] > 0
+    timings = manifest["timings"]
+    assert timings["run_seconds"] > 0
+    # The network's share of the run, summed over the job's ranges.
+    assert 0 < timings["sampling_seconds"] < timings["run_seconds"]
 
     # The research layout npz holds the same samples as the NIfTIs.
     npz = np.load(io.BytesIO(zf.read("samples.npz")))["arr_0"]
