@@ -242,7 +242,7 @@ def render_grid(
                 arr = overlay_rgb(sample.get(base_name) if base_name else None, sample[SEG])
             else:
                 arr = to_display(sample[name])
-            up = np.kron(arr, np.ones((scale, scale, 1) if arr.ndim == 3 else (scale, scale), np.uint8))
+            up = arr.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest-neighbour upscaling
             x0, y0, _, _ = layout.cell_box(row, col)
             canvas.paste(Image.fromarray(up), (x0, y0))
     if has_seg:
