@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -179,9 +180,12 @@ async def submit_job(
     unfit = nnunet_unfit(outputs) if NNUNET in body.formats else None
     if unfit is not None:  # JobRequest checks named channels; a model named alone is checked here
         raise invalid("formats", f"the nnunet format cannot be made from model {info.name!r}: {unfit}")
+    # Decoding uploads is real work for a thread; a request without files is only checked (a
+    # thread hop per submission is what costs the most under load).
+    check = partial(prepare_known, uploads, info.model_slices(), count=body.count, outputs=outputs,
+                    guidance=body.guidance)  # fmt: skip
     try:
-        known = await run_in_threadpool(prepare_known, uploads, info.model_slices(), count=body.count,
-                                        outputs=outputs, guidance=body.guidance)  # fmt: skip
+        known = await run_in_threadpool(check) if uploads else check()
     except GivenError as e:
         raise invalid(e.field, e.detail) from None
     spec = JobSpec(
