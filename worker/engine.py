@@ -35,6 +35,7 @@ from synthmri.jobstore import (
     spec_batch_key,
 )
 from synthmri.outputs.layout import (
+    GRID,
     NNUNET_ARCHIVE,
     PARTS_DIR,
     RunNames,
@@ -176,29 +177,39 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indices: list[int],
                   x: np.ndarray) -> None:  # fmt: skip
-    """Write samples `indices` (rows of `x`): each one's NIfTI/PNG files first, then its part file."""
+    """Write samples `indices` (rows of `x`): each one's NIfTI/PNG files first, then its part file.
+
+    When the batch holds the whole job, the job's grid is drawn alongside and written after the
+    last part file (so a grid on disk always shows the complete samples), and finalisation keeps
+    it: the grid's PNG encoding is the largest single cost of finishing a job.
+    """
     from model.generate import decode_sample
     from synthmri.outputs import writers
 
     keep = [ckpt.config.channels.index(c) for c in spec.channels]
     (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    kept = [{c: d[c] for c in spec.channels} for d in (decode_sample(row, ckpt.config) for row in x)]
 
     def write(k: int) -> None:
         i = indices[k]
-        decoded = decode_sample(x[k], ckpt.config)
-        kept = {c: decoded[c] for c in spec.channels}
-        writers.write_sample(directory, spec.id, i, kept, spec.formats)
+        writers.write_sample(directory, spec.id, i, kept[k], spec.formats)
         buf = io.BytesIO()
-        np.savez(buf, raw=x[k][keep], **kept)  # type: ignore[arg-type]
+        np.savez(buf, raw=x[k][keep], **kept[k])  # type: ignore[arg-type]
         atomic_write(part_path(directory, i), buf.getvalue())
 
     if len(indices) == 1 or WRITER_THREADS == 1:
         for k in range(len(indices)):
             write(k)
         return
+    whole_job = sorted(indices) == list(range(spec.count))
     with ThreadPoolExecutor(min(WRITER_THREADS, len(indices)), thread_name_prefix="synthmri-write") as pool:
+        order = sorted(range(len(indices)), key=indices.__getitem__)
+        grid = (pool.submit(writers.grid_png, [kept[k] for k in order], spec.channels,
+                            writers.grid_labels(sorted(indices))) if whole_job else None)  # fmt: skip
         # list() re-raises the first error; the pool still finishes the other samples first.
         list(pool.map(write, range(len(indices))))
+        if grid is not None:
+            atomic_write(directory / GRID, grid.result()[0])
 
 
 def load_job_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:
@@ -246,7 +257,8 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
     if spec.given is not None:
         files += [g.file for g in spec.given.inputs]  # the uploads travel with the samples they shaped
     npz = np.stack(raw) if "npz" in spec.formats else None
-    files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz)
+    files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz,
+                               grid_written=(directory / GRID).is_file())  # fmt: skip
     timings = {"created_at": spec.created_at, "finalized_at": t0}
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,

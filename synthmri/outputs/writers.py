@@ -262,11 +262,21 @@ def write_grid(
     row_labels: Sequence[str] | None = None,
 ) -> GridLayout:
     """Render the grid PNG (see `render_grid`) and write it atomically; returns its layout."""
+    data, layout = grid_png(samples, channels, row_labels)
+    atomic_write(path, data)
+    return layout
+
+
+def grid_png(
+    samples: Sequence[Mapping[str, np.ndarray]],
+    channels: Sequence[str],
+    row_labels: Sequence[str] | None = None,
+) -> tuple[bytes, GridLayout]:
+    """The grid PNG's bytes (see `render_grid`) and its layout."""
     image, layout = render_grid(samples, channels, row_labels)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    atomic_write(path, buf.getvalue())
-    return layout
+    return buf.getvalue(), layout
 
 
 # ---------------------------------------------------------------------------
@@ -364,15 +374,22 @@ def write_run_summary(
     indices: Sequence[int],
     channels: Sequence[str],
     raw: np.ndarray | None = None,
+    grid_written: bool = False,
 ) -> list[str]:
-    """The research npz (given the raw samples) and the grid; returns their names in `directory`."""
+    """The research npz (given the raw samples) and the grid (unless `grid_written`: drawn from
+    these very samples already); returns their names in `directory`."""
     written = []
     if raw is not None:
         write_npz(directory / names.npz, raw)
         written.append(names.npz)
-    write_grid(directory / GRID, samples, channels, row_labels=[sample_label(i) for i in indices])
+    if not grid_written:
+        write_grid(directory / GRID, samples, channels, row_labels=grid_labels(indices))
     written.append(GRID)
     return written
+
+
+def grid_labels(indices: Sequence[int]) -> list[str]:
+    return [sample_label(i) for i in indices]
 
 
 def write_manifest_and_archive(

@@ -248,3 +248,29 @@ def test_a_worker_gathers_jobs_that_arrive_while_its_batch_has_room(
     # No gathering when the setting is 0.
     assert engine.gather(store, spec_batch_key(lone), "task-b", 5.0, 6, members, seconds=0.0) == [own]
     assert quiet_periods == 1
+
+
+def test_the_grid_drawn_while_writing_a_whole_job_is_the_one_finalisation_draws(
+    setup: tuple[JobStore, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holding a whole job draws its grid beside the sample files; finalisation keeps it
+    and would have drawn the same bytes."""
+    from synthmri.outputs.layout import GRID
+
+    store, settings = setup
+    spec = submit(store, settings, seed=4, count=3, batch_size=4)  # one range: the whole job
+    calls: list[int] = []
+    original = engine.write_samples
+
+    def spy(spec_: JobSpec, directory: Path, *args: Any) -> None:
+        original(spec_, directory, *args)
+        calls.append(int((directory / GRID).is_file()))  # written with the samples, before finalising
+
+    monkeypatch.setattr(engine, "write_samples", spy)
+    run_job(store, settings, spec)
+    assert calls == [1]
+    directory = engine.job_dir(settings, spec.id)
+    drawn = (directory / GRID).read_bytes()
+    (directory / GRID).unlink()
+    engine.finalize(spec, directory, settings=settings, started_at=None)
+    assert (directory / GRID).read_bytes() == drawn
