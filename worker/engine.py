@@ -1,9 +1,9 @@
 """The work behind the Celery tasks: sample an index range into files, then finalise the job.
 
 Files of a job live in `{results_dir}/{job_id}/` (names: synthmri.outputs.layout). A sample
-counts as complete when its part file (kept channels, decoded and raw) exists; it is written
-last, after the NIfTI/PNG files, and every file is renamed into place, so a redelivered task
-skips finished samples and never sees half a file.
+counts as complete when its part file (kept channels decoded; raw too when npz is asked for)
+exists; it is written last, after the NIfTI/PNG files, and every file is renamed into place,
+so a redelivered task skips finished samples and never sees half a file.
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indice
         i = indices[k]
         writers.write_sample(directory, spec.id, i, kept[k], spec.formats)
         buf = io.BytesIO()
-        np.savez(buf, raw=x[k][keep], **kept[k])  # type: ignore[arg-type]
+        # The raw model-range sample only feeds the research npz.
+        raw = {"raw": x[k][keep]} if "npz" in spec.formats else {}
+        np.savez(buf, **raw, **kept[k])  # type: ignore[arg-type]
         atomic_write(part_path(directory, i), buf.getvalue())
 
     if len(indices) == 1 or WRITER_THREADS == 1:
@@ -247,18 +249,22 @@ def finalize(spec: JobSpec, directory: Path, *, settings: Settings, started_at: 
     t0 = time.time()
     device = resolve_device(settings.device)
     names = RunNames.job(spec.id)
+    grid_written = (directory / GRID).is_file()
+    want_raw = "npz" in spec.formats
     samples, raw = [], []
-    for i in range(spec.count):
-        with np.load(part_path(directory, i)) as part:
-            samples.append({c: part[c] for c in spec.channels})
-            raw.append(part["raw"])
+    if want_raw or not grid_written:  # else the part files hold nothing finalising needs
+        for i in range(spec.count):
+            with np.load(part_path(directory, i)) as part:
+                samples.append({c: part[c] for c in spec.channels})
+                if want_raw:
+                    raw.append(part["raw"])
     indices = list(range(spec.count))
     files = [name for i in indices for name in job_sample_files(spec, i)]
     if spec.given is not None:
         files += [g.file for g in spec.given.inputs]  # the uploads travel with the samples they shaped
-    npz = np.stack(raw) if "npz" in spec.formats else None
+    npz = np.stack(raw) if want_raw else None
     files += write_run_summary(directory, names, samples, indices, spec.channels, raw=npz,
-                               grid_written=(directory / GRID).is_file())  # fmt: skip
+                               grid_written=grid_written)  # fmt: skip
     timings = {"created_at": spec.created_at, "finalized_at": t0}
     if started_at is not None:
         timings.update(started_at=started_at, queued_seconds=started_at - spec.created_at,

@@ -116,9 +116,11 @@ def test_a_range_rides_out_a_redis_stall_and_finishes_bit_identical(
     store.create(calm, 600)
     assert engine.process_range(store, settings, calm.id, 0, 2) == "succeeded"
     for i in range(2):
-        a = np.load(engine.part_path(engine.job_dir(settings, spec.id), i))["raw"]
-        b = np.load(engine.part_path(engine.job_dir(settings, calm.id), i))["raw"]
-        assert np.array_equal(a, b)
+        a = np.load(engine.part_path(engine.job_dir(settings, spec.id), i))
+        b = np.load(engine.part_path(engine.job_dir(settings, calm.id), i))
+        assert sorted(a.files) == sorted(b.files) == sorted(spec.channels)
+        for channel in spec.channels:
+            assert np.array_equal(a[channel], b[channel]), channel
     assert store.stats()["samples"] == 4  # each range counted once, the re-run included
 
 
