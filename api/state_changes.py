@@ -29,7 +29,8 @@ class StateChanges:
         self, redis_url: str, *, poll_seconds: float = 1.0, fallback_seconds: float = 0.2,
         connect_timeout: float = 1.0,
     ) -> None:  # fmt: skip
-        # No socket timeout: the subscriber blocks on the socket until a message comes.
+        # No socket timeout: the subscriber's reads are bounded by get_message's own timeout, and a
+        # connection that went silent is found by the periodic health check.
         self.client = aioredis.Redis.from_url(
             redis_url, decode_responses=True, socket_connect_timeout=connect_timeout, health_check_interval=30
         )
