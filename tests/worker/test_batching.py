@@ -24,14 +24,16 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def submit(store: JobStore, settings: Settings, *, seed: int, count: int, batch_size: int = 4,
-           sampler: str = "dpm++sde", steps: int = 4, index: bool = True) -> JobSpec:  # fmt: skip
+           sampler: str = "dpm++sde", steps: int = 4, index: bool = True, job_id: str | None = None,
+           given: Any = None) -> JobSpec:  # fmt: skip
     """Record a job and (with `index`) index its ranges as waiting, as the API does (the Celery
-    messages are the test's calls to engine.process_range); without, every range runs alone."""
+    messages are the test's calls to engine.process_range); without, every range runs alone.
+    `given`: the job's known-channel record, its files already under the job's `inputs/`."""
     sha = read_model(Path(settings.models_dir) / "tiny").sha256
     spec = JobSpec.model_validate(dict(
-        id=os.urandom(8).hex(), owner="o", model="tiny", model_sha256=sha, channel_set="t1ce+seg",
+        id=job_id or os.urandom(8).hex(), owner="o", model="tiny", model_sha256=sha, channel_set="t1ce+seg",
         channels=["t1ce", "seg"], image_size=32, count=count, seed=seed, sampler=sampler, steps=steps,
-        formats=["nifti"], batch_size=batch_size, created_at=time.time(), request={},
+        formats=["nifti"], batch_size=batch_size, created_at=time.time(), request={}, given=given,
     ))  # fmt: skip
     assert store.create(spec, 600) is None
     if index:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from synthmri.jobstore import JobStore, spec_batch_key
 from synthmri.registry import read_model
 from synthmri.settings import Settings
 from tests.given_files import nifti, tumour
-from tests.worker.test_batching import count_rows
+from tests.worker.test_batching import count_rows, run_job
+from tests.worker.test_batching import submit as record_job
 from worker import engine
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -38,22 +38,8 @@ def submit(store: JobStore, settings: Settings, *, seed: int, count: int, masks:
                           count=count, outputs=list(info.channels), guidance=guidance)  # fmt: skip
     if known is not None:
         known.write(engine.job_dir(settings, job_id))
-    spec = JobSpec.model_validate(dict(
-        id=job_id, owner="o", model="tiny", model_sha256=info.sha256, channel_set="t1ce+seg",
-        channels=["t1ce", "seg"], image_size=32, count=count, seed=seed, sampler="dpm++sde", steps=4,
-        formats=["nifti"], batch_size=2, created_at=time.time(), request={},
-        given=known.record() if known is not None else None,
-    ))  # fmt: skip
-    assert store.create(spec, 600) is None
-    if index:
-        store.confirm_queued(spec)
-    return spec
-
-
-def run_job(store: JobStore, settings: Settings, spec: JobSpec) -> None:
-    for start, stop in spec.ranges():
-        engine.process_range(store, settings, spec.id, start, stop)
-    assert store.state(spec.id) == JobState.succeeded
+    return record_job(store, settings, seed=seed, count=count, batch_size=2, index=index, job_id=job_id,
+                      given=known.record() if known is not None else None)  # fmt: skip
 
 
 def pixels(settings: Settings, spec: JobSpec, channel: str) -> np.ndarray:
