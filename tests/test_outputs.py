@@ -207,3 +207,14 @@ def test_expiry_marker_round_trip(tmp_path: Path) -> None:
     assert read_expiry(tmp_path) is None  # not finalised: no marker
     write_expiry(tmp_path, 1234.5)
     assert read_expiry(tmp_path) == 1234.5
+
+
+def test_files_written_without_fsync_are_whole_and_flushed_together(tmp_path: Path) -> None:
+    from synthmri.atomic import atomic_write, flush_to_disk
+
+    paths = [atomic_write(tmp_path / f"f{i}.bin", bytes([i]) * 1000, durable=False) for i in range(5)]
+    flush_to_disk(tmp_path)
+    assert [p.read_bytes() for p in paths] == [bytes([i]) * 1000 for i in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{i}.bin" for i in range(5)]  # no temp files
+    with pytest.raises(FileNotFoundError):
+        flush_to_disk(tmp_path / "missing")

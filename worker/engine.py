@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from synthmri import __version__
-from synthmri.atomic import atomic_write
+from synthmri.atomic import atomic_write, flush_to_disk
 from synthmri.contract import NNUNET, JobSpec, JobState, Manifest
 from synthmri.jobstore import (
     STORE_ERRORS,
@@ -177,11 +177,13 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indices: list[int],
                   x: np.ndarray) -> None:  # fmt: skip
-    """Write samples `indices` (rows of `x`): each one's NIfTI/PNG files first, then its part file.
+    """Write samples `indices` (rows of `x`): their NIfTI/PNG files, then their part files.
 
-    When the batch holds the whole job, the job's grid is drawn alongside and written after the
-    last part file (so a grid on disk always shows the complete samples), and finalisation keeps
-    it: the grid's PNG encoding is the largest single cost of finishing a job.
+    The files are made durable together, with one filesystem sync before the part files (the
+    completion markers) and one after, so a part file never outlives its sample's files in a
+    power cut. When the batch holds the whole job, the job's grid is drawn alongside and written
+    with the part files, and finalisation keeps it: the grid's PNG encoding is the largest
+    single cost of finishing a job.
     """
     from model.generate import decode_sample
     from synthmri.outputs import writers
@@ -191,27 +193,28 @@ def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indice
     kept = [{c: d[c] for c in spec.channels} for d in (decode_sample(row, ckpt.config) for row in x)]
 
     def write(k: int) -> None:
-        i = indices[k]
-        writers.write_sample(directory, spec.id, i, kept[k], spec.formats)
+        writers.write_sample(directory, spec.id, indices[k], kept[k], spec.formats, durable=False)
+
+    def mark(k: int) -> None:
         buf = io.BytesIO()
         # The raw model-range sample only feeds the research npz.
         raw = {"raw": x[k][keep]} if "npz" in spec.formats else {}
         np.savez(buf, **raw, **kept[k])  # type: ignore[arg-type]
-        atomic_write(part_path(directory, i), buf.getvalue())
+        atomic_write(part_path(directory, indices[k]), buf.getvalue(), durable=False)
 
-    if len(indices) == 1 or WRITER_THREADS == 1:
-        for k in range(len(indices)):
-            write(k)
-        return
-    whole_job = sorted(indices) == list(range(spec.count))
-    with ThreadPoolExecutor(min(WRITER_THREADS, len(indices)), thread_name_prefix="synthmri-write") as pool:
+    whole_job = len(indices) > 1 and sorted(indices) == list(range(spec.count))
+    threads = min(WRITER_THREADS, len(indices))
+    with ThreadPoolExecutor(threads, thread_name_prefix="synthmri-write") as pool:
         order = sorted(range(len(indices)), key=indices.__getitem__)
         grid = (pool.submit(writers.grid_png, [kept[k] for k in order], spec.channels,
                             writers.grid_labels(sorted(indices))) if whole_job else None)  # fmt: skip
         # list() re-raises the first error; the pool still finishes the other samples first.
         list(pool.map(write, range(len(indices))))
+        flush_to_disk(directory)
+        list(pool.map(mark, range(len(indices))))
         if grid is not None:
-            atomic_write(directory / GRID, grid.result()[0])
+            atomic_write(directory / GRID, grid.result()[0], durable=False)
+    flush_to_disk(directory)
 
 
 def load_job_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:

@@ -91,8 +91,8 @@ def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
     return gzip.compress(header + data.tobytes(order="F"), compresslevel=1, mtime=0)
 
 
-def write_nifti(path: str | Path, img: np.ndarray, channel: str) -> Path:
-    return atomic_write(path, nifti_bytes(img, channel))
+def write_nifti(path: str | Path, img: np.ndarray, channel: str, durable: bool = True) -> Path:
+    return atomic_write(path, nifti_bytes(img, channel), durable=durable)
 
 
 # ---------------------------------------------------------------------------
@@ -140,8 +140,8 @@ def channel_png(img: np.ndarray, channel: str) -> bytes:
     return png_bytes(label_rgb(img) if channel == SEG else to_display(img))
 
 
-def write_png(path: str | Path, img: np.ndarray, channel: str) -> Path:
-    return atomic_write(path, channel_png(img, channel))
+def write_png(path: str | Path, img: np.ndarray, channel: str, durable: bool = True) -> Path:
+    return atomic_write(path, channel_png(img, channel), durable=durable)
 
 
 def write_sample(
@@ -150,9 +150,10 @@ def write_sample(
     index: int,
     sample: Mapping[str, np.ndarray],
     formats: Sequence[str] = tuple(FORMAT_EXTENSIONS),
+    durable: bool = True,
 ) -> list[Path]:
     """A file per channel and format of one decoded sample (names as `layout.sample_files`);
-    returns the paths written."""
+    returns the paths written (`durable=False`: see `atomic_write`)."""
     out_dir = Path(out_dir)
     writers = {"nifti": write_nifti, "png": write_png}
     written: list[Path] = []
@@ -160,7 +161,7 @@ def write_sample(
         for fmt, ext in FORMAT_EXTENSIONS.items():
             if fmt in formats:
                 path = out_dir / sample_filename(prefix, index, channel, ext)
-                written.append(writers[fmt](path, img, channel))
+                written.append(writers[fmt](path, img, channel, durable))
     return written
 
 
