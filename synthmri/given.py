@@ -470,12 +470,6 @@ def known_rows(
     return out
 
 
-def given_mask(given: Given | None, channels: Sequence[str]) -> list[float]:
-    """1 for a known channel, 0 for a generated one, in model order."""
-    known = set(given.channels) if given is not None else set()
-    return [1.0 if c in known else 0.0 for c in channels]
-
-
 def array_upload(channel: str, array: np.ndarray, name: str | None = None) -> Upload:
     """An in-memory slice (H, W) or volume (H, W, n) as a NIfTI upload in the outputs' orientation
     (float32 images, uint8 seg), as a client sends arrays."""

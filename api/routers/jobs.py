@@ -209,13 +209,27 @@ async def submit_job(
     directory = Path(settings.results_dir) / spec.id
     await _store_known(known, directory)
     try:
-        active = await services.store.create(spec, settings.result_ttl_seconds,
-                                             settings.max_active_jobs_per_key)  # fmt: skip
+        await _create_and_enqueue(services, spec)
     except BaseException:
-        await run_in_threadpool(shutil.rmtree, directory, True)
+        if known is not None:  # nothing of a refused request is kept
+            await run_in_threadpool(shutil.rmtree, directory, True)
         raise
+    # Only a confirmed job counts as accepted; one left unconfirmed (this call failing) is
+    # failed by the workers' sweep, so a 503 here never leaves a job queued for ever.
+    await services.store.confirm_queued(spec)
+    response.headers["Location"] = f"/v1/jobs/{spec.id}"
+    rec = await services.store.get(spec.id)
+    if rec is None:
+        raise Problem(503, "the job store lost the new job (Redis restarted?); submit it again")
+    return view(services, rec)
+
+
+async def _create_and_enqueue(services: ServicesDep, spec: JobSpec) -> None:
+    """Record the job (429 past the key's active-job limit) and publish its tasks (503 if the
+    queue is unreachable)."""
+    settings = services.settings
+    active = await services.store.create(spec, settings.result_ttl_seconds, settings.max_active_jobs_per_key)
     if active is not None:
-        await run_in_threadpool(shutil.rmtree, directory, True)
         raise Problem(
             429, f"this API key already has {active} queued or running jobs (limit "
             f"{settings.max_active_jobs_per_key}); wait for one to finish or cancel one",
@@ -228,19 +242,10 @@ async def submit_job(
         # If Redis cannot take this either, the workers' sweep fails the unconfirmed job.
         with contextlib.suppress(*STORE_ERRORS):
             await services.store.fail(spec.id, "the task queue was unreachable; submit the job again")
-        await run_in_threadpool(shutil.rmtree, directory, True)
         raise Problem(
             503, f"the task queue is unreachable ({type(e).__name__}); try again shortly",
             headers={"Retry-After": "5"},
         ) from None  # fmt: skip
-    # Only a confirmed job counts as accepted; one left unconfirmed (this call failing) is
-    # failed by the workers' sweep, so a 503 here never leaves a job queued for ever.
-    await services.store.confirm_queued(spec)
-    response.headers["Location"] = f"/v1/jobs/{spec.id}"
-    rec = await services.store.get(spec.id)
-    if rec is None:
-        raise Problem(503, "the job store lost the new job (Redis restarted?); submit it again")
-    return view(services, rec)
 
 
 async def _store_known(known: GivenChannels | None, directory: Path) -> None:
