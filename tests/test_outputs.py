@@ -218,3 +218,23 @@ def test_files_written_without_fsync_are_whole_and_flushed_together(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"f{i}.bin" for i in range(5)]  # no temp files
     with pytest.raises(FileNotFoundError):
         flush_to_disk(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("channel", ["t1ce", "seg"])
+def test_nifti_bytes_are_what_nibabel_writes_for_the_slice(channel: str) -> None:
+    """The shared header plus the voxels equal nibabel's own image of that slice, byte for byte."""
+    import gzip
+
+    rng = np.random.default_rng(3)
+    img = rng.choice([0, 1, 2, 4], (64, 64)) if channel == "seg" else rng.uniform(0, 1, (64, 64))
+    data = (img.astype(np.uint8) if channel == "seg" else img.astype(np.float32))[:, :, None]
+    nii = nib.Nifti1Image(data, writers.AFFINE)
+    nii.header.set_data_dtype(data.dtype)
+    nii.set_qform(writers.AFFINE, code=writers.NIFTI_XFORM_SCANNER_ANAT)
+    nii.set_sform(writers.AFFINE, code=writers.NIFTI_XFORM_SCANNER_ANAT)
+    nii.header.set_xyzt_units(xyz="mm")
+    descrip = ("SynthMRI synthetic seg: BraTS labels 0,1 NCR,2 ED,4 ET" if channel == "seg"
+               else f"SynthMRI synthetic {channel}, intensity in [0,1]")  # fmt: skip
+    nii.header["descrip"] = descrip.encode()[:79]
+    nii.header["cal_min"], nii.header["cal_max"] = (0.0, 4.0) if channel == "seg" else (0.0, 1.0)
+    assert gzip.decompress(writers.nifti_bytes(img, channel)) == nii.to_bytes()

@@ -49,29 +49,25 @@ MANIFEST_FORMAT = "synthmri-manifest/1"
 # NIfTI
 
 
+@functools.lru_cache(maxsize=64)
 def _nifti_header(channel: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> bytes:
     """The header bytes (up to the data offset) of a single-slice NIfTI-1 of `channel`."""
-    return _nifti_header_cached(channel == SEG, channel, shape, dtype.str)
-
-
-@functools.lru_cache(maxsize=64)
-def _nifti_header_cached(seg: bool, channel: str, shape: tuple[int, ...], dtype: str) -> bytes:
-    if seg:
+    if channel == SEG:
         cal = (0.0, 4.0)
         descrip = "SynthMRI synthetic seg: BraTS labels 0,1 NCR,2 ED,4 ET"
     else:
         cal = (0.0, 1.0)
         descrip = f"SynthMRI synthetic {channel}, intensity in [0,1]"
-    nii = nib.Nifti1Image(np.zeros(shape, dtype=np.dtype(dtype)), AFFINE)
+    nii = nib.Nifti1Image(np.zeros(shape, dtype=dtype), AFFINE)
     hdr = nii.header
-    hdr.set_data_dtype(np.dtype(dtype))
+    hdr.set_data_dtype(dtype)
     nii.set_qform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     nii.set_sform(AFFINE, code=NIFTI_XFORM_SCANNER_ANAT)
     hdr.set_xyzt_units(xyz="mm")
     hdr["descrip"] = descrip.encode()[:79]
     hdr["cal_min"], hdr["cal_max"] = cal
     whole = nii.to_bytes()
-    return whole[: len(whole) - math.prod(shape) * np.dtype(dtype).itemsize]
+    return whole[: len(whole) - math.prod(shape) * dtype.itemsize]
 
 
 def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
