@@ -238,3 +238,31 @@ def test_nifti_bytes_are_what_nibabel_writes_for_the_slice(channel: str) -> None
     nii.header["descrip"] = descrip.encode()[:79]
     nii.header["cal_min"], nii.header["cal_max"] = (0.0, 4.0) if channel == "seg" else (0.0, 1.0)
     assert gzip.decompress(writers.nifti_bytes(img, channel)) == nii.to_bytes()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 64), (5, 9, 3), (3, 4, 4), (1, 6, 3)])
+def test_png_bytes_decode_to_the_array_they_encode(shape: tuple[int, ...]) -> None:
+    """Pillow (and so every viewer) reads back exactly the pixels: grey, RGB and RGBA, any size,
+    with differences to the row above that wrap around 0 and 255."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    a[0] = 255  # the next row's difference wraps below zero
+    decoded = Image.open(io.BytesIO(writers.png_bytes(a)))
+    assert decoded.mode == {1: "L", 3: "RGB", 4: "RGBA"}[1 if a.ndim == 2 else a.shape[2]]
+    np.testing.assert_array_equal(np.asarray(decoded), a)
+
+
+def test_png_bytes_refuse_what_png_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="expected an 8-bit"):
+        writers.png_bytes(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="expected an 8-bit"):
+        writers.png_bytes(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_grid_png_holds_the_rendered_grid() -> None:
+    samples = [_sample(shift=k) for k in range(3)]
+    data, layout = writers.grid_png(samples, ["t1ce", "seg"], ["a", "b", "c"])
+    image, _ = writers.render_grid(samples, ["t1ce", "seg"], ["a", "b", "c"])
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.size == (layout.width, layout.height)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(image))

@@ -15,8 +15,8 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,51 +170,123 @@ def sample_range(
     return len(todo), sampling
 
 
-# Threads writing one batch's samples: gzip, PNG encoding and fsync release the GIL, so the
-# files of a batch are written in parallel on the cores the sampler has just freed.
+# Threads writing one batch's samples: gzip, PNG encoding and file system calls release the GIL,
+# so the files of a batch are written in parallel on the cores the sampler has just freed.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class Rows:
+    """Samples of one job to write: row k of `x` is sample `indices[k]`."""
+
+    spec: JobSpec
+    directory: Path
+    indices: list[int]
+    x: np.ndarray
 
 
 def write_samples(spec: JobSpec, directory: Path, ckpt: LoadedCheckpoint, indices: list[int],
                   x: np.ndarray) -> None:  # fmt: skip
-    """Write samples `indices` (rows of `x`): their NIfTI/PNG files, then their part files.
+    """Write one job's samples `indices` (rows of `x`); see `write_batch`."""
+    error = write_batch([Rows(spec, directory, indices, x)], ckpt)[0]
+    if error is not None:
+        raise error
 
-    The files are made durable together, with one filesystem sync before the part files (the
-    completion markers) and one after, so a part file never outlives its sample's files in a
-    power cut. When the batch holds the whole job, the job's grid is drawn alongside and written
-    with the part files, and finalisation keeps it: the grid's PNG encoding is the largest
-    single cost of finishing a job.
+
+def write_batch(batch: list[Rows], ckpt: LoadedCheckpoint) -> list[Exception | None]:
+    """Write the samples of a sampling batch, each job's into its own directory: their NIfTI/PNG
+    files, then their part files. Returns, per job, the error that stopped its writing, or None.
+
+    All files of the batch are made durable together, with one filesystem sync before the part
+    files (the completion markers) and one after, so a part file never outlives its sample's
+    files in a power cut; a merged batch of sixteen one-sample jobs syncs twice, not 32 times. A
+    job whose sample files fail gets no part files (and no grid): its error is its own. When a
+    batch holds a whole job, the job's grid is drawn alongside and written with the part files,
+    and finalisation keeps it: the grid is the largest single cost of finishing a job.
     """
     from model.generate import decode_sample
     from synthmri.outputs import writers
 
-    keep = [ckpt.config.channels.index(c) for c in spec.channels]
-    (directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    kept = [{c: d[c] for c in spec.channels} for d in (decode_sample(row, ckpt.config) for row in x)]
+    errors: list[Exception | None] = [None] * len(batch)
+    kept: list[list[dict[str, np.ndarray]]] = []
+    for j, rows in enumerate(batch):
+        kept.append([{c: d[c] for c in rows.spec.channels}
+                     for d in (decode_sample(row, ckpt.config) for row in rows.x)])  # fmt: skip
+        try:
+            (rows.directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        except Exception as e:
+            errors[j] = e
 
-    def write(k: int) -> None:
-        writers.write_sample(directory, spec.id, indices[k], kept[k], spec.formats, durable=False)
+    def write(j: int, k: int) -> None:
+        rows = batch[j]
+        writers.write_sample(rows.directory, rows.spec.id, rows.indices[k], kept[j][k], rows.spec.formats,
+                             durable=False)  # fmt: skip
 
-    def mark(k: int) -> None:
+    def mark(j: int, k: int) -> None:
+        rows = batch[j]
         buf = io.BytesIO()
         # The raw model-range sample only feeds the research npz.
-        raw = {"raw": x[k][keep]} if "npz" in spec.formats else {}
-        np.savez(buf, **raw, **kept[k])  # type: ignore[arg-type]
-        atomic_write(part_path(directory, indices[k]), buf.getvalue(), durable=False)
+        keep = [ckpt.config.channels.index(c) for c in rows.spec.channels]
+        raw = {"raw": rows.x[k][keep]} if "npz" in rows.spec.formats else {}
+        np.savez(buf, **raw, **kept[j][k])  # type: ignore[arg-type]
+        atomic_write(part_path(rows.directory, rows.indices[k]), buf.getvalue(), durable=False)
 
-    whole_job = len(indices) > 1 and sorted(indices) == list(range(spec.count))
-    threads = min(WRITER_THREADS, len(indices))
-    with ThreadPoolExecutor(threads, thread_name_prefix="synthmri-write") as pool:
-        order = sorted(range(len(indices)), key=indices.__getitem__)
-        grid = (pool.submit(writers.grid_png, [kept[k] for k in order], spec.channels,
-                            writers.grid_labels(sorted(indices))) if whole_job else None)  # fmt: skip
-        # list() re-raises the first error; the pool still finishes the other samples first.
-        list(pool.map(write, range(len(indices))))
-        flush_to_disk(directory)
-        list(pool.map(mark, range(len(indices))))
-        if grid is not None:
-            atomic_write(directory / GRID, grid.result()[0], durable=False)
-    flush_to_disk(directory)
+    def grid(j: int) -> bytes:
+        rows = batch[j]
+        order = sorted(range(len(rows.indices)), key=rows.indices.__getitem__)
+        labels = writers.grid_labels(sorted(rows.indices))
+        return writers.grid_png([kept[j][k] for k in order], rows.spec.channels, labels)[0]
+
+    def settle(futures: dict[int, list[Future[Any]]]) -> None:
+        """Wait for every job's files; the first error of a job is kept as its outcome."""
+        for j, fs in futures.items():
+            for f in fs:
+                error = f.exception()
+                if error is not None and not isinstance(error, Exception):
+                    raise error
+                if error is not None and errors[j] is None:
+                    errors[j] = error
+
+    def ok() -> list[int]:
+        return [j for j in range(len(batch)) if errors[j] is None]
+
+    with ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="synthmri-write") as pool:
+        grids = {j: pool.submit(grid, j) for j in ok() if holds_whole_job(batch[j])}
+        settle({j: [pool.submit(write, j, k) for k in range(len(batch[j].indices))] for j in ok()})
+        flush_all(batch[j].directory for j in ok())
+        settle({j: [pool.submit(mark, j, k) for k in range(len(batch[j].indices))] for j in ok()})
+        settle({j: [f] for j, f in grids.items() if errors[j] is None})
+        for j in ok():
+            if j in grids:
+                try:
+                    atomic_write(batch[j].directory / GRID, grids[j].result(), durable=False)
+                except Exception as e:
+                    errors[j] = e
+    flush_all(rows.directory for rows in batch)
+    return errors
+
+
+def holds_whole_job(rows: Rows) -> bool:
+    return len(rows.indices) > 1 and sorted(rows.indices) == list(range(rows.spec.count))
+
+
+def flush_all(directories: Iterable[Path]) -> None:
+    """Make the files written in `directories` durable: one sync per filesystem (the job
+    directories of a results directory share one). A directory removed meanwhile, by a
+    cancel, has nothing left to keep."""
+    by_device: dict[int, list[Path]] = {}
+    for d in directories:
+        try:
+            by_device.setdefault(d.stat().st_dev, []).append(d)
+        except FileNotFoundError:
+            continue
+    for candidates in by_device.values():
+        for d in candidates:
+            try:
+                flush_to_disk(d)
+                break
+            except FileNotFoundError:
+                continue
 
 
 def load_job_model(spec: JobSpec, settings: Settings, device: str) -> LoadedCheckpoint:
@@ -473,11 +545,17 @@ def process_batch(store: JobStore, settings: Settings, members: list[str], holde
             results[p.member] = process_alone(store, settings, p.spec.id, p.start, p.stop, holder)
         return results
 
-    def complete(p: Part) -> str:
-        return complete_part(store, settings, p, ckpt, x[p.member], p.spec.id in cancelled, holder)
+    # A job cancelled while its rows were sampled gets no files written.
+    cancelled.update(p.spec.id for p in parts if store.cancel_requested(p.spec.id))
+    writing = [p for p in parts if p.spec.id not in cancelled]
+    written = write_batch([Rows(p.spec, p.directory, p.todo, x[p.member]) for p in writing], ckpt)
+    errors = {p.member: error for p, error in zip(writing, written, strict=True)}
 
-    # Each job's files, grid, manifest and zip are its own: writing them side by side lets the
-    # batch's clients have their results together instead of one job after another.
+    def complete(p: Part) -> str:
+        return complete_part(store, settings, p, errors.get(p.member), p.spec.id in cancelled, holder)
+
+    # Each job's manifest and zip are its own: finishing them side by side lets the batch's
+    # clients have their results together instead of one job after another.
     with ThreadPoolExecutor(min(WRITER_THREADS, len(parts)), thread_name_prefix="synthmri-finish") as pool:
         outcomes = list(pool.map(complete, parts))
     results.update((p.member, outcome) for p, outcome in zip(parts, outcomes, strict=True))
@@ -551,24 +629,19 @@ def sample_parts(
 
 
 def complete_part(
-    store: JobStore, settings: Settings, part: Part, ckpt: LoadedCheckpoint, x: np.ndarray, cancelled: bool,
-    holder: str,
+    store: JobStore, settings: Settings, part: Part, error: Exception | None, cancelled: bool, holder: str
 ) -> str:
-    """Write a part's samples from a merged batch, then mark its range and maybe finalise its job."""
+    """A part of a merged batch whose samples were written (or failed to be, with `error`): mark
+    its range and maybe finalise its job, or fail or cancel the job."""
     spec, directory = part.spec, part.directory
     if cancelled or store.cancel_requested(spec.id):
         return cancel(store, spec, directory)
-    try:
-        write_samples(spec, directory, ckpt, part.todo, x)
-    except STORE_ERRORS:
-        raise
-    except Exception as e:
-        if worker_stopping(e):
-            raise
-        if store.cancel_requested(spec.id):
-            return cancel(store, spec, directory)
-        log.exception("job %s range [%d, %d) failed", spec.id, part.start, part.stop)
-        return fail(store, spec, directory, f"sampling failed: {describe_error(e, public_roots(settings))}")
+    if error is not None:
+        if worker_stopping(error):
+            raise error
+        log.error("job %s range [%d, %d) failed", spec.id, part.start, part.stop, exc_info=error)
+        reason = describe_error(error, public_roots(settings))
+        return fail(store, spec, directory, f"sampling failed: {reason}")
     return finish_range(store, settings, spec, part.start, part.stop, len(part.todo), holder,
                         part.sampling_seconds)  # fmt: skip
 

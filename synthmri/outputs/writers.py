@@ -8,10 +8,10 @@ identical bytes. Torch-free: arrays come in as numpy.
 from __future__ import annotations
 
 import functools
-import gzip
 import io
 import json
 import math
+import struct
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 from PIL import Image, ImageDraw, ImageFont
 
 from synthmri.atomic import atomic_write
@@ -43,6 +44,9 @@ LABEL_COLOURS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200,
 OVERLAY_ALPHA = 0.6
 
 MANIFEST_FORMAT = "synthmri-manifest/1"
+
+# ISA-L's fastest deflate level (of 0-3; 0 hardly compresses).
+FAST = 1
 
 
 # ---------------------------------------------------------------------------
@@ -75,8 +79,9 @@ def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
 
     Every slice of a channel shares one header, built once by nibabel; the voxels follow it in
     NIfTI's column-major order (what nibabel itself writes, byte for byte, and ~10x faster than
-    building an image per slice). gzip level 1: float slices hardly compress, and level 6 made
-    them 1 % smaller at 1.3× the time (80 files of a demo-model job), time the client waits.
+    building an image per slice). Compressed by ISA-L at its fast level: standard gzip that every
+    reader opens, 5x faster than zlib's level 1 for the same size on float slices, and the time
+    it takes is time the client waits.
     """
     img = np.asarray(img)
     if img.ndim != 2:
@@ -84,7 +89,7 @@ def nifti_bytes(img: np.ndarray, channel: str) -> bytes:
     data = (img.astype(np.uint8) if channel == SEG else img.astype(np.float32))[:, :, None]
     header = _nifti_header(channel, data.shape, data.dtype)
     # mtime=0: identical bytes on every re-run, so duplicate tasks are indistinguishable.
-    return gzip.compress(header + data.tobytes(order="F"), compresslevel=1, mtime=0)
+    return igzip.compress(header + data.tobytes(order="F"), FAST, mtime=0)
 
 
 def write_nifti(path: str | Path, img: np.ndarray, channel: str, durable: bool = True) -> Path:
@@ -120,15 +125,42 @@ def overlay_rgb(base: np.ndarray | None, seg: np.ndarray) -> np.ndarray:
     return (rgb + 0.5).astype(np.uint8)
 
 
-# zlib level 1: for a 16-sample five-channel grid 4x faster to encode than Pillow's default 6
-# (58 vs 248 ms) for a file 20 % larger; a job's PNGs are written while its client waits.
-PNG_COMPRESS_LEVEL = 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # samples per pixel → grey, RGB, RGBA
+_PNG_FILTER_UP = 2
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
+    """An 8-bit grey (H, W), RGB or RGBA (H, W, C) array as a PNG.
+
+    Every row uses PNG's Up filter (the difference to the row above) and ISA-L's fast deflate.
+    Pillow tries all five filters on every row and has no way to choose one: for a job's grid
+    that search alone took longer than deflating. Grids are nearest-neighbour upscaled, so Up
+    turns every repeated row into zeros; a 16-sample five-channel grid encodes in 9 ms instead of
+    Pillow's 65 ms (at level 1), for a file 1.6x the size. The client waits for these files.
+    """
+    a = np.asarray(array)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in _PNG_COLOUR_TYPES):
+        raise ValueError(f"expected an 8-bit (H, W) or (H, W, 1|3|4) image, got {a.dtype} {a.shape}")
+    height, width = a.shape[:2]
+    per_pixel = 1 if a.ndim == 2 else a.shape[2]
+    rows = a.reshape(height, width * per_pixel)
+    filtered = np.empty((height, 1 + rows.shape[1]), dtype=np.uint8)
+    filtered[:, 0] = _PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]  # the row above the first is zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR_TYPES[per_pixel], 0, 0, 0)
+    return b"".join((
+        _PNG_SIGNATURE,
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), FAST)),
+        _png_chunk(b"IEND", b""),
+    ))  # fmt: skip
 
 
 def channel_png(img: np.ndarray, channel: str) -> bytes:
@@ -271,9 +303,7 @@ def grid_png(
 ) -> tuple[bytes, GridLayout]:
     """The grid PNG's bytes (see `render_grid`) and its layout."""
     image, layout = render_grid(samples, channels, row_labels)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue(), layout
+    return png_bytes(np.asarray(image)), layout
 
 
 # ---------------------------------------------------------------------------
