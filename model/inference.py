@@ -9,8 +9,9 @@ What it does, and why (measured on a 2-core Zen 5 CPU, see benchmarks/RESULTS.md
 - inference_mode, eval mode (dropout off);
 - batch invariance: on CPU the kernels of the prepared net are row-independent (its
   GroupNorm batches are padded to a multiple of the thread count, its embedding matmuls
-  and float32 head run per sample: model/inference_modules.py), so in bf16 channels_last a sample
-  comes out bit-identical whatever its batch — measured, not assumed: see
+  and float32 head run per sample, its float32 convolutions always run oneDNN:
+  model/inference_modules.py), so in bf16 and float32 channels_last a sample comes out
+  bit-identical whatever its batch — measured, not assumed: see
   tests/model/test_unet.py. On CUDA, where cuDNN/cuBLAS pick kernels by shape, a fixed
   `micro_batch` (the net always sees exactly that many rows, the last chunk padded)
   gives the same guarantee at the cost of padding small batches.

@@ -16,7 +16,7 @@ from benchmarks.sampling import RESEARCH_2CH_64
 from model.config import PRESETS, DiffusionConfig
 from model.diffusion import GaussianDiffusion
 from model.inference import InferenceModel, cpu_has_native_bf16, prepare_for_inference, resolve_precision
-from model.inference_modules import batch_invariant_group_norm
+from model.inference_modules import OneDnnConv2d, batch_invariant_group_norm
 from model.samplers import sample_ddim
 from model.unet import AttentionBlock, ResBlock, UNetModel, timestep_embedding
 from tests.skip_policy import NO_BF16
@@ -216,10 +216,9 @@ def test_optimised_path_is_batch_invariant_over_20_step_sampling(precision: str,
 
     Before the GroupNorm padding and the per-row embedding matmuls, whole-batch bf16
     sampling drifted by 0.24 of the intensity range on this random net (one bf16
-    rounding flip, amplified over 20 steps). Now bf16 channels_last is bit-identical;
-    float32 channels_last still differs in the last bits for some batch sizes (oneDNN
-    picks convolution kernels by shape), far inside the 1e-3 contract; a fixed
-    micro-batch makes every precision bit-identical.
+    rounding flip, amplified over 20 steps); float32 differed in the last bits until its
+    convolutions were all sent to oneDNN (a lone sample's small maps went to another
+    kernel). Whole batches and a fixed micro-batch are bit-identical in both precisions.
     """
     net = _randomise(_tiny()).eval()
     x_T = torch.randn(3, 2, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -227,10 +226,27 @@ def test_optimised_path_is_batch_invariant_over_20_step_sampling(precision: str,
     together = _ddim_20(fn, x_T)
     alone = torch.cat([_ddim_20(fn, x_T[i : i + 1]) for i in range(3)])
     assert together.abs().max() > 0.1  # a real, non-trivial sample
-    if precision == "bf16" or micro_batch:
-        assert torch.equal(together, alone)
-    else:
-        assert (together - alone).abs().max().item() / 2.0 <= 1e-4
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("kernel", "size"), [(3, 8), (3, 16), (1, 16), (3, 32)])
+def test_float32_convolutions_do_not_depend_on_the_batch(kernel: int, size: int, threads: int) -> None:
+    """A lone sample's float32 convolution equals its row of a batch, bit for bit: PyTorch's
+    own choice sends small lone maps (and, on one thread, 1x1 kernels) to a different kernel."""
+    torch.manual_seed(kernel * 100 + size)
+    conv = nn.Conv2d(64, 64, kernel, padding=kernel // 2).eval()
+    fixed = OneDnnConv2d.replacing(conv)
+    x = torch.randn(4, 64, size, size).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            alone = [fixed(x[i : i + 1]) for i in range(4)]
+            assert all(torch.equal(fixed(x[:n])[i], alone[i][0]) for n in (2, 4) for i in range(n))
+            torch.testing.assert_close(torch.cat(alone), conv(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
