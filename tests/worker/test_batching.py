@@ -181,6 +181,43 @@ def test_a_job_whose_finalisation_fails_fails_alone(
         assert (engine.job_dir(settings, job.id) / "manifest.json").exists()
 
 
+def test_a_job_whose_sample_files_fail_fails_alone(
+    setup: tuple[JobStore, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jobs of a merged batch share one writer pool and one sync: one job's failed write
+    fails that job (no part file is left to look finished), and the others' samples are theirs."""
+    from synthmri.outputs import writers
+
+    store, settings = setup
+    a, b, c = (submit(store, settings, seed=s, count=2, batch_size=2) for s in (1, 2, 3))
+    real = writers.write_sample
+
+    def write_sample(directory: Path, job_id: str, *args: Any, **kw: Any) -> Any:
+        if job_id == b.id:
+            raise OSError(28, "No space left on device")
+        return real(directory, job_id, *args, **kw)
+
+    monkeypatch.setattr(writers, "write_sample", write_sample)
+    batches: list[int] = []
+    real_batch = engine.write_batch
+
+    def write_batch(batch: list[engine.Rows], *args: Any) -> Any:
+        batches.append(len(batch))
+        return real_batch(batch, *args)
+
+    monkeypatch.setattr(engine, "write_batch", write_batch)
+    engine.process_range(store, settings, a.id, 0, 2, "task-1")
+    assert batches == [3]  # one merged batch
+    rec = store.get(b.id)
+    assert rec is not None and rec.state == JobState.failed and "No space left" in (rec.error or "")
+    assert not engine.job_dir(settings, b.id).exists()
+    assert store.state(a.id) == store.state(c.id) == JobState.succeeded
+    merged = [pixels(settings, a), pixels(settings, c)]
+    monkeypatch.undo()
+    for got, want in zip(merged, alone(store, settings, [a, c]), strict=True):
+        assert_same_samples(got, want)
+
+
 def test_ranges_claimed_by_a_task_that_died_are_sampled_when_its_message_returns(
     setup: tuple[JobStore, Settings],
 ) -> None:
