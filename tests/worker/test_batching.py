@@ -105,10 +105,12 @@ def alone(store: JobStore, settings: Settings, specs: list[JobSpec]) -> list[dic
     return out
 
 
+@pytest.mark.parametrize("precision", ["auto", "fp32"])  # fp32: what CPUs without native bf16 run
 def test_waiting_ranges_of_several_jobs_are_sampled_in_one_batch_bit_identical(
-    setup: tuple[JobStore, Settings], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[JobStore, Settings], monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     store, settings = setup
+    settings = settings.model_copy(update={"precision": precision})
     jobs = [submit(store, settings, seed=s, count=c, batch_size=2) for s, c in ((1, 3), (2, 2), (3, 1))]
     calls = count_rows(monkeypatch)
     # The first job's first task takes every waiting range (6 samples, room for 8) into one batch.
