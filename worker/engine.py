@@ -225,9 +225,9 @@ def write_batch(batch: list[Rows], ckpt: LoadedCheckpoint) -> list[Exception | N
     def mark(j: int, k: int) -> None:
         rows = batch[j]
         buf = io.BytesIO()
-        # The raw model-range sample only feeds the research npz.
-        keep = [ckpt.config.channels.index(c) for c in rows.spec.channels]
-        raw = {"raw": rows.x[k][keep]} if "npz" in rows.spec.formats else {}
+        raw = {}
+        if "npz" in rows.spec.formats:  # the raw model-range sample only feeds the research npz
+            raw["raw"] = rows.x[k][[ckpt.config.channels.index(c) for c in rows.spec.channels]]
         np.savez(buf, **raw, **kept[j][k])  # type: ignore[arg-type]
         atomic_write(part_path(rows.directory, rows.indices[k]), buf.getvalue(), durable=False)
 
@@ -255,12 +255,11 @@ def write_batch(batch: list[Rows], ckpt: LoadedCheckpoint) -> list[Exception | N
         settle({j: [pool.submit(write, j, k) for k in range(len(batch[j].indices))] for j in ok()})
         flush_all(batch[j].directory for j in ok())
         settle({j: [pool.submit(mark, j, k) for k in range(len(batch[j].indices))] for j in ok()})
-        settle({j: [f] for j, f in grids.items() if errors[j] is None})
-        for j in ok():
-            if j in grids:
+        for j, drawn in grids.items():
+            if errors[j] is None:
                 try:
-                    atomic_write(batch[j].directory / GRID, grids[j].result(), durable=False)
-                except Exception as e:
+                    atomic_write(batch[j].directory / GRID, drawn.result(), durable=False)
+                except Exception as e:  # drawing or writing the grid
                     errors[j] = e
     flush_all(rows.directory for rows in batch)
     return errors
